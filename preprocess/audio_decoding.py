@@ -1,0 +1,74 @@
+"""Bytes of an audio file in, mono float32 at the target rate out, or the reason it cannot be.
+
+soundfile (libsndfile) decodes wav, flac, ogg/vorbis, opus and mp3; soxr resamples. Both release
+the GIL and run at C speed, so one process per core is the whole budget.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+import soundfile
+import soxr
+
+from preprocess import storage
+
+
+class RejectReason(str, Enum):
+    """Why an input row is not in the dataset; recorded per row in the rejects file."""
+
+    MISSING = "missing"
+    UNREADABLE = "unreadable"
+    EMPTY = "empty"
+    TOO_SHORT = "too_short"
+    TOO_LONG = "too_long"
+    NON_FINITE = "non_finite"
+    EMPTY_TRANSCRIPT = "empty_transcript"
+    DUPLICATE_ID = "duplicate_id"
+
+
+@dataclass(frozen=True)
+class DecodedAudio:
+    samples: np.ndarray | None
+    reject_reason: RejectReason | None = None
+    detail: str = ""
+    source_sampling_rate: int = 0
+
+
+def decode(data: bytes, sampling_rate: int) -> DecodedAudio:
+    """Decode any soundfile-readable bytes, downmix to mono, resample to `sampling_rate`."""
+    try:
+        samples, source_rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, ValueError, TypeError) as error:
+        # libsndfile names the BytesIO object in its message; keep only the cause.
+        cause = str(error).splitlines()[0].rsplit(": ", 1)[-1]
+        return DecodedAudio(None, RejectReason.UNREADABLE, cause[:200])
+    samples = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    if samples.size == 0:
+        return DecodedAudio(None, RejectReason.EMPTY, "no samples", source_rate)
+    if source_rate != sampling_rate:
+        samples = soxr.resample(samples, source_rate, sampling_rate, quality="HQ")
+    if not np.isfinite(samples).all():
+        return DecodedAudio(None, RejectReason.NON_FINITE, "NaN or Inf samples", source_rate)
+    return DecodedAudio(np.ascontiguousarray(samples, dtype=np.float32), None, "", source_rate)
+
+
+def load(uri: str, sampling_rate: int) -> DecodedAudio:
+    """Read and decode one file; a missing file is a reject, not an exception."""
+    if not uri:
+        return DecodedAudio(None, RejectReason.MISSING, "empty audio path")
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        return DecodedAudio(None, RejectReason.MISSING, "file not found")
+    except OSError as error:
+        reason = (
+            RejectReason.MISSING if "not found" in str(error).lower() else RejectReason.UNREADABLE
+        )
+        return DecodedAudio(None, reason, str(error).splitlines()[0][:200])
+    if not data:
+        return DecodedAudio(None, RejectReason.EMPTY, "zero-byte file")
+    return decode(data, sampling_rate)

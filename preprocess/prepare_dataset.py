@@ -1,0 +1,291 @@
+"""Decode and resample a speech corpus once, in parallel on Ray, into memory-mapped Arrow shards.
+
+    python -m preprocess.prepare_dataset --manifest cv/de/train.tsv --output_dir data/train
+    ray submit cluster.yaml preprocess/prepare_dataset.py -- --manifest s3://... --output_dir s3://...
+
+Rerunning on the same output directory processes only manifest rows it has not seen.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from transformers import HfArgumentParser
+
+from argument_classes import ManifestArguments, PreprocessArguments
+from preprocess import audio_decoding, shard_format, storage
+from preprocess.audio_decoding import RejectReason
+from preprocess.manifest import ManifestError, read_manifest
+from preprocess.text_normalization import TextNormalizer, build_vocab
+
+
+class ArgumentError(ValueError):
+    """Arguments that cannot work; reported as one line before any work starts."""
+
+
+def decode_batch(
+    rows: pa.Table,
+    sampling_rate: int,
+    min_seconds: float,
+    max_seconds: float,
+    passthrough: list[str],
+) -> pa.Table:
+    """map_batches body: manifest rows in, shard rows (or rejects, with empty audio) out."""
+    waveforms, reasons, details, input_seconds = [], [], [], []
+    for uri in rows.column("audio_uri").to_pylist():
+        decoded = audio_decoding.load(uri, sampling_rate)
+        samples, reason = decoded.samples, decoded.reject_reason
+        seconds = 0.0 if samples is None else len(samples) / sampling_rate
+        if samples is not None and seconds < min_seconds:
+            reason = RejectReason.TOO_SHORT
+        elif samples is not None and seconds > max_seconds:
+            reason = RejectReason.TOO_LONG
+        detail = decoded.detail or (f"{seconds:.2f} s" if reason else "")
+        waveforms.append(samples if reason is None else np.zeros(0, np.float32))
+        reasons.append(None if reason is None else reason.value)
+        details.append(detail)
+        input_seconds.append(seconds)
+    columns = {
+        "id": rows.column("id"),
+        "audio": shard_format.audio_array(waveforms),
+        "num_samples": pa.array([len(w) for w in waveforms], pa.int64()),
+        "text": rows.column("text"),
+        "sentence": rows.column("sentence"),
+        **{name: rows.column(name) for name in passthrough},
+        "audio_uri": rows.column("audio_uri"),
+        "reject_reason": pa.array(reasons, pa.string()),
+        "reject_detail": pa.array(details, pa.string()),
+        "input_seconds": pa.array(input_seconds, pa.float64()),
+    }
+    return pa.table(columns)
+
+
+def _validate(preprocess: PreprocessArguments) -> None:
+    if preprocess.sampling_rate <= 0:
+        raise ArgumentError(f"--sampling_rate must be positive, got {preprocess.sampling_rate}")
+    if not 0 <= preprocess.min_duration_seconds < preprocess.max_duration_seconds:
+        raise ArgumentError(
+            "--min_duration_seconds must be >= 0 and below --max_duration_seconds "
+            f"(got {preprocess.min_duration_seconds} and {preprocess.max_duration_seconds})"
+        )
+    for name in ("max_shard_bytes", "rows_per_task", "decode_batch_size"):
+        if getattr(preprocess, name) <= 0:
+            raise ArgumentError(f"--{name} must be positive")
+
+
+def _check_compatible(previous: dict[str, Any], options: dict[str, Any]) -> None:
+    """Rows added to an existing dataset must be made the same way as the rows already in it."""
+    for key in ("sampling_rate", "lowercase", "chars_to_drop"):
+        if previous["options"][key] != options[key]:
+            raise ArgumentError(
+                f"{key} is {options[key]!r} but the dataset in this output_dir was built with "
+                f"{previous['options'][key]!r}; use a new --output_dir"
+            )
+
+
+def _split_rows(rows: pa.Table, known_ids: set[str]) -> tuple[pa.Table, list[dict[str, Any]], int]:
+    """Rows to decode, rows rejected before decoding, and the count already processed."""
+    ids = rows.column("id").to_pylist()
+    texts = rows.column("text").to_pylist()
+    uris = rows.column("audio_uri").to_pylist()
+    keep, rejects, seen, skipped = [], [], set(), 0
+    for position, (row_id, text, uri) in enumerate(zip(ids, texts, uris, strict=True)):
+        if row_id in known_ids:
+            skipped += 1
+            continue
+        reason = None
+        if row_id in seen:
+            reason = RejectReason.DUPLICATE_ID
+        elif not text:
+            reason = RejectReason.EMPTY_TRANSCRIPT
+        seen.add(row_id)
+        if reason is None:
+            keep.append(position)
+        else:
+            rejects.append({"id": row_id, "path": uri, "reason": reason.value, "detail": ""})
+    return rows.take(pa.array(keep, pa.int64())), rejects, skipped
+
+
+def _start_ray(preprocess: PreprocessArguments) -> None:
+    """Join RAY_ADDRESS or --ray_address when given, else start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    init_args: dict[str, Any] = {"include_dashboard": False}
+    if preprocess.ray_address:
+        init_args["address"] = preprocess.ray_address
+    else:
+        init_args["num_cpus"] = preprocess.num_cpus
+        init_args["object_store_memory"] = preprocess.object_store_memory
+    ray.init(**init_args)
+
+
+def _run_ray_pipeline(
+    rows: pa.Table,
+    preprocess: PreprocessArguments,
+    passthrough: list[str],
+    run_id: str,
+) -> list[dict[str, Any]]:
+    import ray
+
+    from preprocess.arrow_shard_datasink import ArrowShardDatasink
+
+    # One block per task-sized slice of the manifest: each becomes one fused decode+write task.
+    slices = [
+        rows.slice(start, preprocess.rows_per_task)
+        for start in range(0, rows.num_rows, preprocess.rows_per_task)
+    ]
+    datasink = ArrowShardDatasink(
+        staging_uri=storage.join(preprocess.output_dir, f"{shard_format.STAGING_DIR}/{run_id}"),
+        run_id=run_id,
+        schema=shard_format.shard_schema(passthrough),
+        max_shard_bytes=preprocess.max_shard_bytes,
+    )
+    ray.data.from_arrow(slices).map_batches(
+        decode_batch,
+        batch_format="pyarrow",
+        batch_size=preprocess.decode_batch_size,
+        fn_kwargs={
+            "sampling_rate": preprocess.sampling_rate,
+            "min_seconds": preprocess.min_duration_seconds,
+            "max_seconds": preprocess.max_duration_seconds,
+            "passthrough": passthrough,
+        },
+    ).write_datasink(datasink)
+    return datasink.results
+
+
+def prepare(manifest_args: ManifestArguments, preprocess: PreprocessArguments) -> dict[str, Any]:
+    """Process the manifest's new rows into the dataset directory; returns the run summary."""
+    started = time.perf_counter()
+    _validate(preprocess)
+    normalizer = TextNormalizer(preprocess.lowercase, preprocess.chars_to_drop)
+    rows = read_manifest(
+        manifest_args.manifest,
+        normalizer,
+        audio_column=manifest_args.audio_column,
+        text_column=manifest_args.text_column,
+        id_column=manifest_args.id_column,
+        audio_root=manifest_args.audio_root,
+        passthrough_columns=manifest_args.passthrough_columns,
+    )
+    passthrough = [n for n in rows.column_names if n not in ("id", "audio_uri", "sentence", "text")]
+    options = {**asdict(manifest_args), **asdict(preprocess)}
+    previous = shard_format.read_dataset_json(preprocess.output_dir)
+    known_ids: set[str] = set()
+    if previous:
+        _check_compatible(previous, options)
+        known_ids.update(
+            shard_format.read_length_index(preprocess.output_dir, previous)["id"].to_pylist()
+        )
+        known_ids.update(
+            r["id"] for r in shard_format.read_rejects(preprocess.output_dir, previous)
+        )
+    shard_format.remove_unreferenced(preprocess.output_dir, previous)
+
+    to_decode, early_rejects, skipped = _split_rows(rows, known_ids)
+    summary: dict[str, Any] = {"manifest_rows": rows.num_rows, "already_processed": skipped}
+    if to_decode.num_rows == 0 and not early_rejects:
+        summary["message"] = (
+            f"nothing to do: all {rows.num_rows} manifest rows are already in "
+            f"{preprocess.output_dir}"
+        )
+        return summary
+
+    run_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    results: list[dict[str, Any]] = []
+    pipeline_seconds = 0.0
+    if to_decode.num_rows:
+        _start_ray(preprocess)
+        pipeline_started = time.perf_counter()
+        results = _run_ray_pipeline(to_decode, preprocess, passthrough, run_id)
+        pipeline_seconds = time.perf_counter() - pipeline_started
+
+    shards = [shard_format.ShardInfo(**s) for r in results for s in r["shards"]]
+    rejects = early_rejects + [reject for r in results for reject in r["rejects"]]
+    accepted_ids = pa.array([i for s in shards for i in s.ids], pa.string())
+    accepted_texts = pc.filter(
+        to_decode.column("text"), pc.is_in(to_decode.column("id"), accepted_ids)
+    )
+    previous_symbols = []
+    if previous:
+        vocab_uri = storage.join(preprocess.output_dir, previous["vocab"])
+        previous_symbols = list(json.loads(storage.read_bytes(vocab_uri)))
+    vocab = build_vocab(
+        [*accepted_texts.to_pylist(), "".join(s for s in previous_symbols if len(s) == 1)]
+    )
+    output_seconds = sum(n for s in shards for n in s.num_samples) / preprocess.sampling_rate
+    input_seconds = sum(r["input_seconds"] for r in results)
+    run = shard_format.RunRecord(
+        run_id=run_id,
+        manifest=manifest_args.manifest,
+        accepted=len(accepted_ids),
+        rejected=len(rejects),
+        skipped_already_processed=skipped,
+        input_seconds=input_seconds,
+        wall_seconds=time.perf_counter() - started,
+    )
+    metadata = shard_format.commit_run(
+        preprocess.output_dir, previous, shards, rejects, vocab, options, run
+    )
+    by_reason: dict[str, int] = {}
+    for reject in rejects:
+        by_reason[reject["reason"]] = by_reason.get(reject["reason"], 0) + 1
+    summary.update(
+        accepted=run.accepted,
+        rejected=run.rejected,
+        rejected_by_reason=by_reason,
+        hours_in=input_seconds / 3600,
+        hours_out=output_seconds / 3600,
+        pipeline_seconds=pipeline_seconds,
+        real_time_factor=output_seconds / pipeline_seconds if pipeline_seconds else 0.0,
+        dataset=metadata["counts"],
+        dataset_hours=metadata["total_hours"],
+        shards=len(metadata["shards"]),
+    )
+    return summary
+
+
+def _format_summary(summary: dict[str, Any]) -> str:
+    if "message" in summary:
+        return summary["message"]
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["rejected_by_reason"].items()))
+    return (
+        f"rows: {summary['manifest_rows']} in manifest, {summary['already_processed']} already "
+        f"processed, {summary['accepted']} accepted, {summary['rejected']} rejected"
+        f"{' (' + reasons + ')' if reasons else ''}\n"
+        f"audio: {summary['hours_in']:.3f} h in, {summary['hours_out']:.3f} h out in "
+        f"{summary['pipeline_seconds']:.1f} s = {summary['real_time_factor']:.0f}x real time\n"
+        f"dataset: {summary['dataset']['accepted']} rows, {summary['dataset_hours']:.3f} h in "
+        f"{summary['shards']} shards"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = HfArgumentParser((ManifestArguments, PreprocessArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        manifest_args, preprocess = loader(argv[0])
+    else:
+        manifest_args, preprocess = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        summary = prepare(manifest_args, preprocess)
+    except (ManifestError, ArgumentError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(_format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

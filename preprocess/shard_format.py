@@ -1,0 +1,389 @@
+"""The dataset directory: the one contract between preprocessing and training.
+
+Writer and reader live side by side here so the format has exactly one home.
+
+    OUT/dataset.json                  commit point: options, counts, shard list with checksums
+    OUT/vocab.json                    characters of the transcripts, Wav2Vec2CTCTokenizer format
+    OUT/shards/shard-<run>-<task>-<part>.arrow
+                                      Arrow IPC files, uncompressed, so they memory-map
+    OUT/length_index.<run>.arrow      id, shard, row, num_samples, text_length: batch planning
+                                      without touching audio
+    OUT/rejects.<run>.jsonl           every input row that did not make it, with a reason
+    OUT/_staging/<run>/               shards being written; never part of the dataset
+
+Nothing is part of the dataset until dataset.json names it, and dataset.json is replaced
+atomically as the last step of a run, so a killed run leaves at most unreferenced files, which
+the next run removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.ipc as ipc
+
+from preprocess import storage
+
+FORMAT_VERSION = 1
+DATASET_JSON = "dataset.json"
+VOCAB_JSON = "vocab.json"
+SHARD_DIR = "shards"
+STAGING_DIR = "_staging"
+
+AUDIO_TYPE = pa.large_list(pa.float32())
+LENGTH_INDEX_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("shard", pa.string()),
+        ("row", pa.int64()),
+        ("num_samples", pa.int64()),
+        ("text_length", pa.int32()),
+    ]
+)
+
+
+def shard_schema(passthrough_columns: list[str]) -> pa.Schema:
+    """Plain Arrow types only, so any Arrow reader opens the shards without Ray installed."""
+    fields = [
+        ("id", pa.string()),
+        ("audio", AUDIO_TYPE),
+        ("num_samples", pa.int64()),
+        ("text", pa.string()),
+        ("sentence", pa.string()),
+    ]
+    return pa.schema(fields + [(name, pa.string()) for name in passthrough_columns])
+
+
+def audio_array(waveforms: list[np.ndarray]) -> pa.LargeListArray:
+    """One contiguous float32 buffer with offsets: the layout the reader views without copying."""
+    lengths = np.fromiter((len(w) for w in waveforms), dtype=np.int64, count=len(waveforms))
+    offsets = np.zeros(len(waveforms) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(waveforms) if waveforms else np.zeros(0, np.float32)
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32()))
+
+
+@dataclass
+class ShardInfo:
+    """A finished shard file and its share of the length index."""
+
+    name: str
+    rows: int
+    bytes: int
+    sha256: str
+    ids: list[str] = field(default_factory=list)
+    num_samples: list[int] = field(default_factory=list)
+    text_lengths: list[int] = field(default_factory=list)
+
+
+class _HashingSink:
+    """File-like wrapper so the checksum is computed while writing, not by reading back."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.digest = hashlib.sha256()
+        self.position = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        self._stream.write(view)
+        self.position += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.close()
+        self.closed = True
+
+
+class ShardWriter:
+    """Writes record batches into staged shard files of bounded size (one writer per task)."""
+
+    def __init__(
+        self, staging_uri: str, name_prefix: str, schema: pa.Schema, max_shard_bytes: int
+    ) -> None:
+        self._filesystem, self._staging_path = storage.resolve(staging_uri)
+        self._filesystem.create_dir(self._staging_path, recursive=True)
+        self._prefix = name_prefix
+        self._schema = schema
+        self._max_bytes = max_shard_bytes
+        self._sink: _HashingSink | None = None
+        self._writer: ipc.RecordBatchFileWriter | None = None
+        self._current: ShardInfo | None = None
+        self.finished: list[ShardInfo] = []
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows == 0:
+            return
+        if self._writer is None:
+            self._open()
+        assert self._current is not None and self._writer is not None
+        self._writer.write_batch(batch)
+        self._current.rows += batch.num_rows
+        self._current.ids.extend(batch.column("id").to_pylist())
+        self._current.num_samples.extend(batch.column("num_samples").to_pylist())
+        self._current.text_lengths.extend(len(t) for t in batch.column("text").to_pylist())
+        if self._sink is not None and self._sink.position >= self._max_bytes:
+            self._close()
+
+    def close(self) -> list[ShardInfo]:
+        self._close()
+        return self.finished
+
+    def _open(self) -> None:
+        name = f"{self._prefix}-{len(self.finished):03d}.arrow"
+        stream = self._filesystem.open_output_stream(posixpath.join(self._staging_path, name))
+        self._sink = _HashingSink(stream)
+        # Uncompressed on purpose: compressed buffers cannot be memory-mapped as views.
+        self._writer = ipc.new_file(self._sink, self._schema)
+        self._current = ShardInfo(name=name, rows=0, bytes=0, sha256="")
+
+    def _close(self) -> None:
+        if self._writer is None:
+            return
+        assert self._sink is not None and self._current is not None
+        self._writer.close()
+        self._sink.close()
+        self._current.bytes = self._sink.position
+        self._current.sha256 = self._sink.digest.hexdigest()
+        self.finished.append(self._current)
+        self._writer = self._sink = self._current = None
+
+
+@dataclass
+class RunRecord:
+    """What one preprocessing run added; dataset.json keeps the history."""
+
+    run_id: str
+    manifest: str
+    accepted: int
+    rejected: int
+    skipped_already_processed: int
+    input_seconds: float
+    wall_seconds: float
+
+
+def read_dataset_json(output_dir: str) -> dict[str, Any] | None:
+    uri = storage.join(output_dir, DATASET_JSON)
+    if not storage.exists(uri):
+        return None
+    metadata = json.loads(storage.read_bytes(uri))
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{uri} has format version {metadata.get('format_version')}, this code reads "
+            f"{FORMAT_VERSION}"
+        )
+    return metadata
+
+
+def read_length_index(output_dir: str, metadata: dict[str, Any]) -> pa.Table:
+    uri = storage.join(output_dir, metadata["length_index"])
+    return ipc.open_file(pa.BufferReader(storage.read_bytes(uri))).read_all()
+
+
+def read_rejects(output_dir: str, metadata: dict[str, Any]) -> list[dict[str, Any]]:
+    uri = storage.join(output_dir, metadata["rejects"])
+    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line]
+
+
+def commit_run(
+    output_dir: str,
+    previous: dict[str, Any] | None,
+    staged_shards: list[ShardInfo],
+    rejects: list[dict[str, Any]],
+    vocab: dict[str, int],
+    options: dict[str, Any],
+    run: RunRecord,
+) -> dict[str, Any]:
+    """Make a run's shards part of the dataset; dataset.json is written last, atomically."""
+    filesystem, root = storage.resolve(output_dir)
+    filesystem.create_dir(posixpath.join(root, SHARD_DIR), recursive=True)
+    staging = posixpath.join(root, STAGING_DIR, run.run_id)
+    for shard in staged_shards:
+        filesystem.move(
+            posixpath.join(staging, shard.name), posixpath.join(root, SHARD_DIR, shard.name)
+        )
+
+    old_index = read_length_index(output_dir, previous) if previous else None
+    new_index = pa.table(
+        {
+            "id": [i for s in staged_shards for i in s.ids],
+            "shard": [f"{SHARD_DIR}/{s.name}" for s in staged_shards for _ in range(s.rows)],
+            "row": [r for s in staged_shards for r in range(s.rows)],
+            "num_samples": [n for s in staged_shards for n in s.num_samples],
+            "text_length": [n for s in staged_shards for n in s.text_lengths],
+        },
+        schema=LENGTH_INDEX_SCHEMA,
+    )
+    length_index = pa.concat_tables([old_index, new_index]) if old_index else new_index
+    length_index_name = f"length_index.{run.run_id}.arrow"
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, LENGTH_INDEX_SCHEMA) as writer:
+        writer.write_table(length_index)
+    storage.write_bytes_atomically(
+        storage.join(output_dir, length_index_name), sink.getvalue().to_pybytes()
+    )
+
+    all_rejects = (read_rejects(output_dir, previous) if previous else []) + rejects
+    rejects_name = f"rejects.{run.run_id}.jsonl"
+    storage.write_bytes_atomically(
+        storage.join(output_dir, rejects_name),
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in all_rejects).encode(),
+    )
+    storage.write_bytes_atomically(
+        storage.join(output_dir, VOCAB_JSON),
+        json.dumps(vocab, ensure_ascii=False, indent=1).encode(),
+    )
+
+    sampling_rate = options["sampling_rate"]
+    shards = (previous["shards"] if previous else []) + [
+        {"name": f"{SHARD_DIR}/{s.name}", "rows": s.rows, "bytes": s.bytes, "sha256": s.sha256}
+        for s in staged_shards
+    ]
+    by_reason: dict[str, int] = {}
+    for reject in all_rejects:
+        by_reason[reject["reason"]] = by_reason.get(reject["reason"], 0) + 1
+    total_samples = int(np.sum(length_index.column("num_samples").to_numpy()))
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "sampling_rate": sampling_rate,
+        "counts": {
+            "input_rows": length_index.num_rows + len(all_rejects),
+            "accepted": length_index.num_rows,
+            "rejected": len(all_rejects),
+            "rejected_by_reason": by_reason,
+        },
+        "total_hours": total_samples / sampling_rate / 3600,
+        "shards": shards,
+        "length_index": length_index_name,
+        "rejects": rejects_name,
+        "vocab": VOCAB_JSON,
+        "options": options,
+        "runs": (previous["runs"] if previous else []) + [asdict(run)],
+    }
+    storage.write_bytes_atomically(
+        storage.join(output_dir, DATASET_JSON), json.dumps(metadata, indent=1).encode()
+    )
+    remove_unreferenced(output_dir, metadata)
+    return metadata
+
+
+def remove_unreferenced(output_dir: str, metadata: dict[str, Any] | None) -> list[str]:
+    """Delete leftovers of killed runs: staged shards and files dataset.json does not name."""
+    filesystem, root = storage.resolve(output_dir)
+    referenced = set()
+    if metadata:
+        referenced = {s["name"] for s in metadata["shards"]}
+        referenced |= {metadata["length_index"], metadata["rejects"]}
+    removed = []
+    if filesystem.get_file_info(posixpath.join(root, STAGING_DIR)).type == pafs.FileType.Directory:
+        filesystem.delete_dir(posixpath.join(root, STAGING_DIR))
+        removed.append(STAGING_DIR)
+    selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+    for info in filesystem.get_file_info(selector):
+        relative = posixpath.relpath(info.path, root)
+        generated = relative.startswith(f"{SHARD_DIR}/") or relative.startswith(
+            ("length_index.", "rejects.")
+        )
+        if info.type == pafs.FileType.File and generated and relative not in referenced:
+            filesystem.delete_file(info.path)
+            removed.append(relative)
+    return removed
+
+
+class ShardDataset:
+    """Random access to a dataset directory through memory maps.
+
+    Opening reads dataset.json, vocab.json and the small length index, never audio; shard files
+    are mapped on first access, so DataLoader workers each map what they read. `ds[i]["audio"]`
+    is a read-only float32 view into the mapped file.
+    """
+
+    def __init__(self, path: str) -> None:
+        if storage.is_remote(path):
+            raise ValueError(
+                f"{path}: training reads shards through memory maps, which need a local or "
+                "mounted filesystem; copy the dataset directory to local disk first"
+            )
+        self.path = os.path.abspath(path)
+        metadata = read_dataset_json(self.path)
+        if metadata is None:
+            raise FileNotFoundError(f"no {DATASET_JSON} in {self.path}: not a prepared dataset")
+        self.metadata = metadata
+        self.sampling_rate: int = metadata["sampling_rate"]
+        with open(os.path.join(self.path, metadata["vocab"]), encoding="utf-8") as file:
+            self.vocab: dict[str, int] = json.load(file)
+        with pa.memory_map(os.path.join(self.path, metadata["length_index"])) as source:
+            self.length_index = ipc.open_file(source).read_all()
+        shard_codes = self.length_index.column("shard").combine_chunks().dictionary_encode()
+        self._shard_names: list[str] = shard_codes.dictionary.to_pylist()
+        self._shard_of_row = shard_codes.indices.to_numpy()
+        self._row_in_shard = self.length_index.column("row").to_numpy()
+        self.num_samples: np.ndarray = self.length_index.column("num_samples").to_numpy()
+        self.text_lengths: np.ndarray = self.length_index.column("text_length").to_numpy()
+        self._open_shards: dict[int, _MappedShard] = {}
+
+    def __len__(self) -> int:
+        return self.length_index.num_rows
+
+    @property
+    def total_hours(self) -> float:
+        return float(self.num_samples.sum()) / self.sampling_rate / 3600
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        shard_code = int(self._shard_of_row[index])
+        shard = self._open_shards.get(shard_code)
+        if shard is None:
+            shard = _MappedShard(os.path.join(self.path, self._shard_names[shard_code]))
+            self._open_shards[shard_code] = shard
+        return shard.row(int(self._row_in_shard[index]))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for index in range(len(self)):
+            yield self[index]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Maps are per process: a DataLoader worker re-maps what it reads.
+        return {**self.__dict__, "_open_shards": {}}
+
+
+class _MappedShard:
+    """One memory-mapped shard file with its record batches' offsets resolved once."""
+
+    def __init__(self, path: str) -> None:
+        self._source = pa.memory_map(path)
+        reader = ipc.open_file(self._source)
+        self._batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])
+        self._audio = [
+            (b.column("audio").offsets.to_numpy(), b.column("audio").values.to_numpy())
+            for b in self._batches
+        ]
+
+    def row(self, row: int) -> dict[str, Any]:
+        batch_index = int(np.searchsorted(self._starts, row, side="right")) - 1
+        local = row - int(self._starts[batch_index])
+        batch = self._batches[batch_index]
+        offsets, values = self._audio[batch_index]
+        return {
+            "id": batch.column("id")[local].as_py(),
+            "audio": values[offsets[local] : offsets[local + 1]],
+            "text": batch.column("text")[local].as_py(),
+            "sentence": batch.column("sentence")[local].as_py(),
+        }
