@@ -1,0 +1,82 @@
+"""Collates raw-audio utterances and transcripts into wav2vec2 CTC batches."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+WORD_DELIMITER = "|"
+UNK_TOKEN = "[UNK]"
+LABEL_PAD = -100  # ignored by the CTC loss in transformers' Wav2Vec2ForCTC
+
+
+def encode_transcript(text: str, vocab: dict[str, int]) -> list[int]:
+    """Maps a normalized transcript to CTC label ids as Wav2Vec2CTCTokenizer does.
+
+    Spaces become the word delimiter ``|``; characters missing from the vocab become
+    ``[UNK]``.
+    """
+    unk = vocab[UNK_TOKEN]
+    return [vocab.get(char, unk) for char in text.replace(" ", WORD_DELIMITER)]
+
+
+@dataclass
+class CTCCollator:
+    """Pads a list of ``{"audio", "text"}`` items into wav2vec2 CTC training tensors.
+
+    With ``do_normalize`` each utterance is scaled to zero mean and unit variance over
+    its real samples only, as Wav2Vec2FeatureExtractor does given an attention mask, so
+    padding never shifts the statistics. Padding is zeros in ``input_values`` and -100
+    in ``labels``.
+    """
+
+    vocab: dict[str, int]
+    do_normalize: bool
+    return_attention_mask: bool = True
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self) -> None:
+        for token in (WORD_DELIMITER, UNK_TOKEN):
+            if token not in self.vocab:
+                raise ValueError(f"vocab has no {token!r} token")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError("pad_to_multiple_of must be >= 1")
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        audios = [item["audio"] for item in items]
+        if any(audio.ndim != 1 for audio in audios):
+            raise ValueError("audio must be 1-D")
+        frames = max(audio.shape[0] for audio in audios)
+        if self.pad_to_multiple_of is not None:
+            frames = -(-frames // self.pad_to_multiple_of) * self.pad_to_multiple_of
+
+        input_values = torch.zeros(len(items), frames, dtype=torch.float32)
+        # A numpy view of the tensor lets numpy write each utterance straight into place.
+        values = input_values.numpy()
+        for row, audio in enumerate(audios):
+            target = values[row, : audio.shape[0]]
+            if self.do_normalize:
+                # Statistics in float64 so long utterances lose no precision.
+                mean = float(audio.mean(dtype=np.float64))
+                scale = 1.0 / math.sqrt(float(audio.var(dtype=np.float64)) + 1e-7)
+                np.subtract(audio, mean, out=target)
+                target *= scale
+            else:
+                target[:] = audio
+
+        label_ids = [encode_transcript(item["text"], self.vocab) for item in items]
+        target_lengths = torch.tensor([len(ids) for ids in label_ids], dtype=torch.int64)
+        labels = torch.full((len(items), int(target_lengths.max())), LABEL_PAD, dtype=torch.int64)
+        for row, ids in enumerate(label_ids):
+            labels[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+
+        batch = {"input_values": input_values, "labels": labels, "target_lengths": target_lengths}
+        if self.return_attention_mask:
+            lengths = torch.tensor([audio.shape[0] for audio in audios], dtype=torch.int64)
+            batch["attention_mask"] = (torch.arange(frames) < lengths[:, None]).to(torch.int64)
+        return batch
