@@ -87,3 +87,84 @@ class PreprocessArguments:
     object_store_memory: int | None = field(
         default=None, metadata={"help": "Object store bytes of the local Ray instance."}
     )
+
+
+@dataclass
+class ModelArguments:
+    """Which wav2vec2 to fine-tune and how."""
+
+    model_name_or_path: str = field(
+        metadata={
+            "help": "Local model directory, hub id, a preset (tiny, base, large) built with "
+            "random weights, or a Wav2Vec2Config JSON file."
+        }
+    )
+    freeze_feature_encoder: bool = field(
+        default=True, metadata={"help": "Keep the convolutional feature encoder frozen."}
+    )
+    layerdrop: float = field(
+        default=0.0,
+        metadata={"help": "Probability of skipping a transformer layer; the same on every rank."},
+    )
+    mask_time_prob: float = field(
+        default=0.05, metadata={"help": "SpecAugment time-masking probability."}
+    )
+    hidden_dropout: float = field(default=0.0, metadata={"help": "Transformer dropout."})
+    attention_dropout: float = field(default=0.0, metadata={"help": "Attention dropout."})
+
+
+@dataclass
+class DataArguments:
+    """The prepared datasets and how batches are cut from them."""
+
+    train_dir: str = field(metadata={"help": "Dataset directory made by prepare_dataset."})
+    eval_dir: str | None = field(
+        default=None, metadata={"help": "Dataset directory evaluated every --eval_steps."}
+    )
+    max_batch_seconds: float = field(
+        default=200.0,
+        metadata={"help": "Budget of padded audio seconds in one micro-batch on one rank."},
+    )
+    num_buckets: int = field(default=30, metadata={"help": "Duration buckets for batching."})
+    dataloader_num_workers: int = field(
+        default=2, metadata={"help": "DataLoader workers reading the memory-mapped shards."}
+    )
+    max_eval_utterances: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many utterances."}
+    )
+
+
+@dataclass
+class TrainingArguments:
+    """The loop: steps, optimizer, checkpoints, logging."""
+
+    output_dir: str = field(metadata={"help": "Checkpoints, logs and the exported model."})
+    deepspeed: str = field(
+        default="ds_configs/zero2_bf16.json", metadata={"help": "DeepSpeed config file."}
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_steps: int = field(default=500, metadata={"help": "Linear warmup steps."})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps in total (default: from epochs)."}
+    )
+    num_train_epochs: float = field(default=30.0, metadata={"help": "Epochs, if no max_steps."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per rank in one optimizer step."}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    seed: int = field(default=42, metadata={"help": "Seeds the model init and the batch plan."})
+    logging_steps: int = field(default=10, metadata={"help": "Metrics every this many steps."})
+    eval_steps: int = field(default=500, metadata={"help": "Evaluate every this many steps."})
+    save_steps: int = field(default=500, metadata={"help": "Checkpoint every this many steps."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (the last K)."})
+    resume: bool = field(
+        default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."}
+    )
+    export_only: bool = field(
+        default=False,
+        metadata={"help": "Load the latest checkpoint, export OUTPUT/model, and exit."},
+    )
+    local_rank: int = field(
+        default=-1, metadata={"help": "Set by the deepspeed launcher; leave alone."}
+    )

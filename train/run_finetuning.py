@@ -1,0 +1,438 @@
+"""Fine-tune wav2vec2 for CTC with DeepSpeed ZeRO on shards made by preprocess/prepare_dataset.py.
+
+    deepspeed --num_gpus 8 train/run_finetuning.py --deepspeed ds_configs/zero2_bf16.json \
+        --train_dir data/train --eval_dir data/dev --model_name_or_path facebook/wav2vec2-base \
+        --output_dir runs/de
+    python -m train.run_finetuning ...      (one process)
+
+The whole loop is in this file, top to bottom: arguments, distributed init, data, model,
+deepspeed.initialize, then forward, CTC loss, backward, step, with evaluation, checkpoints and
+export at their intervals. Batching, collation, evaluation and export live in modules beside it.
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.time()
+
+import json  # noqa: E402  (the clock above times the imports)
+import math  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import zlib  # noqa: E402
+from typing import Any  # noqa: E402
+
+import deepspeed  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
+from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
+
+from argument_classes import DataArguments, ModelArguments, TrainingArguments  # noqa: E402
+from preprocess.shard_format import ShardDataset  # noqa: E402
+from train.ctc_collator import CTCCollator  # noqa: E402
+from train.duration_bucket_sampler import DurationBucketSampler  # noqa: E402
+from train.evaluation import evaluate, evaluation_batches  # noqa: E402
+from train.model_export import export_model  # noqa: E402
+from train.wav2vec2_model import ModelSetupError, build_model, build_processor  # noqa: E402
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class TrainingSetupError(ValueError):
+    """Arguments, datasets or config that cannot work; one line for the user."""
+
+
+class StartupClock:
+    """Seconds spent in each startup phase, from process start to the first optimizer step."""
+
+    def __init__(self) -> None:
+        process_start = psutil.Process().create_time()
+        self.phases = {"imports": time.time() - process_start}
+        self._last = time.time()
+
+    def mark(self, phase: str) -> None:
+        now = time.time()
+        self.phases[phase] = now - self._last
+        self._last = now
+
+    def total(self) -> float:
+        return sum(self.phases.values())
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0])
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group; a plain `python` run becomes a group of one."""
+    if "RANK" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+    deepspeed.init_distributed()
+    if not torch.cuda.is_available():
+        # CPU ranks on one machine share its cores; oversubscribing them stalls every collective.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+
+
+def open_datasets(data: DataArguments) -> tuple[ShardDataset, ShardDataset | None]:
+    try:
+        train_set = ShardDataset(data.train_dir)
+        eval_set = ShardDataset(data.eval_dir) if data.eval_dir else None
+    except (FileNotFoundError, ValueError) as error:
+        raise TrainingSetupError(str(error)) from None
+    if eval_set is not None:
+        if eval_set.sampling_rate != train_set.sampling_rate:
+            raise TrainingSetupError(
+                f"eval data is {eval_set.sampling_rate} Hz, train data {train_set.sampling_rate} Hz"
+            )
+        unknown = sorted(set(eval_set.vocab) - set(train_set.vocab))
+        if unknown:
+            raise TrainingSetupError(
+                f"eval transcripts use characters the train vocabulary lacks: {''.join(unknown)}"
+            )
+    return train_set, eval_set
+
+
+def deepspeed_config(training: TrainingArguments, total_steps: int) -> dict[str, Any]:
+    """The chosen ds_configs file with this run's values filled in (the launcher's one truth)."""
+    try:
+        with open(training.deepspeed, encoding="utf-8") as file:
+            config = json.load(file)
+    except (OSError, json.JSONDecodeError) as error:
+        message = f"cannot read DeepSpeed config {training.deepspeed}: {error}"
+        raise TrainingSetupError(message) from None
+    # Batches hold a variable number of utterances; DeepSpeed only counts micro-batches.
+    config["train_micro_batch_size_per_gpu"] = 1
+    config["gradient_accumulation_steps"] = training.gradient_accumulation_steps
+    config.pop("train_batch_size", None)
+    config["gradient_clipping"] = training.max_grad_norm
+    optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    optimizer["params"].update(lr=training.learning_rate, weight_decay=training.weight_decay)
+    if not torch.cuda.is_available():
+        # DeepSpeed's fused Adam kernels need CUDA; on CPU use torch's AdamW.
+        optimizer["params"]["torch_adam"] = True
+    config["scheduler"] = {
+        "type": "WarmupDecayLR",
+        "params": {
+            "warmup_min_lr": 0.0,
+            "warmup_max_lr": training.learning_rate,
+            "warmup_num_steps": min(training.warmup_steps, max(total_steps - 1, 0)),
+            "total_num_steps": max(total_steps, 1),
+            "warmup_type": "linear",
+        },
+    }
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise TrainingSetupError(f"zero_optimization.stage must be 0 to 3, got {stage}")
+    return config
+
+
+class ChecksummedCollator:
+    """Collates and adds a checksum of the utterance ids, so logs show which data a step saw."""
+
+    def __init__(self, collator: CTCCollator) -> None:
+        self.collator = collator
+
+    def __call__(self, items: list[dict[str, Any]]) -> tuple[int, dict[str, torch.Tensor]]:
+        ids = "\n".join(item["id"] for item in items)
+        return zlib.crc32(ids.encode()), self.collator(items)
+
+
+def ctc_loss_sum(
+    model: Any, logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Summed CTC loss over the batch, in fp32 whatever the engine's dtype.
+
+    Summed, not averaged, so the loop can divide by the step's target length over all ranks
+    and micro-batches: ranks holding batches of different sizes then weigh correctly.
+    """
+    log_probs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)
+    input_lengths = model._get_feat_extract_output_lengths(attention_mask.sum(-1))
+    label_mask = labels >= 0
+    return F.ctc_loss(
+        log_probs,
+        labels.masked_select(label_mask),
+        input_lengths,
+        label_mask.sum(-1),
+        blank=model.config.pad_token_id,
+        reduction="sum",
+        zero_infinity=True,
+    )
+
+
+def prune_checkpoints(checkpoint_dir: str, keep: int) -> None:
+    tags = sorted(
+        (t for t in os.listdir(checkpoint_dir) if t.startswith("step")),
+        key=lambda tag: int(tag.removeprefix("step")),
+    )
+    for tag in tags[: max(len(tags) - keep, 0)]:
+        shutil.rmtree(os.path.join(checkpoint_dir, tag), ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, data_args, training = parse_arguments(sys.argv[1:] if argv is None else argv)
+    startup = StartupClock()
+    init_distributed()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    is_main = rank == 0
+    startup.mark("distributed_init")
+
+    # Data: open the memory-mapped shards and plan every batch from the length index alone.
+    train_set, eval_set = open_datasets(data_args)
+    sampler = DurationBucketSampler(
+        num_samples=train_set.num_samples,
+        sampling_rate=train_set.sampling_rate,
+        max_batch_seconds=data_args.max_batch_seconds,
+        world_size=world_size,
+        rank=rank,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        num_buckets=data_args.num_buckets,
+        seed=training.seed,
+    )
+    try:
+        steps_per_epoch = len(sampler.plan_epoch(0)) // training.gradient_accumulation_steps
+    except ValueError as error:
+        raise TrainingSetupError(str(error)) from None
+    total_steps = training.max_steps or math.ceil(steps_per_epoch * training.num_train_epochs)
+    startup.mark("dataset_open_and_batch_plan")
+
+    # Model: under ZeRO-3, HfDeepSpeedConfig must be alive while the model is built, so its
+    # weights are created partitioned and the weight-normed positional conv is gathered right.
+    ds_config = deepspeed_config(training, total_steps)
+    hf_deepspeed_config = (
+        HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
+    )
+    torch.manual_seed(training.seed)
+    vocab = train_set.vocab
+    vocab_file = os.path.join(train_set.path, train_set.metadata["vocab"])
+    processor = build_processor(model_args, vocab_file, train_set.sampling_rate)
+    model = build_model(model_args, vocab, train_set.sampling_rate)
+    startup.mark("model_build")
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+    )
+    input_dtype = (
+        torch.bfloat16
+        if engine.bfloat16_enabled()
+        else torch.float16
+        if engine.fp16_enabled()
+        else torch.float32
+    )
+    startup.mark("deepspeed_initialize")
+
+    checkpoint_dir = os.path.join(training.output_dir, CHECKPOINT_DIR)
+    step, epoch, nonfinite_skipped = 0, 0, 0
+    if training.resume or training.export_only:
+        if not os.path.isfile(os.path.join(checkpoint_dir, "latest")):
+            raise TrainingSetupError(f"no checkpoint to resume from in {checkpoint_dir}")
+        _, client_state = engine.load_checkpoint(checkpoint_dir)
+        if client_state["vocab"] != vocab:
+            raise TrainingSetupError("the checkpoint was trained on another vocabulary")
+        sampler.load_state_dict(client_state["sampler"])
+        step, epoch = client_state["step"], client_state["sampler"]["epoch"]
+        nonfinite_skipped = client_state["nonfinite_skipped"]
+    if training.export_only:
+        target = export_model(engine, processor, training.output_dir)
+        if is_main:
+            print(f"exported step {step} to {target}")
+        return 0
+
+    feature_extractor = processor.feature_extractor
+    use_attention_mask = feature_extractor.return_attention_mask
+    collator = CTCCollator(vocab=vocab, do_normalize=feature_extractor.do_normalize)
+    loader = DataLoader(
+        train_set,
+        batch_sampler=sampler,
+        collate_fn=ChecksummedCollator(collator),
+        num_workers=data_args.dataloader_num_workers,
+        persistent_workers=data_args.dataloader_num_workers > 0,
+    )
+    eval_plan = None
+    if eval_set is not None:
+        eval_indices = eval_set.num_samples
+        if data_args.max_eval_utterances:
+            eval_indices = eval_indices[: data_args.max_eval_utterances]
+        eval_plan = evaluation_batches(
+            eval_indices, eval_set.sampling_rate, data_args.max_batch_seconds, world_size
+        )
+
+    os.makedirs(training.output_dir, exist_ok=True)
+    metrics_file = (
+        open(os.path.join(training.output_dir, "metrics.jsonl"), "a") if is_main else None
+    )
+    tensorboard = (
+        SummaryWriter(os.path.join(training.output_dir, "tensorboard")) if is_main else None
+    )
+    progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="steps")
+
+    def log(record: dict[str, Any]) -> None:
+        if not is_main:
+            return
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                tensorboard.add_scalar(key, value, record["step"])
+
+    def run_evaluation() -> None:
+        result = evaluate(
+            engine,
+            eval_set,
+            eval_plan[rank],
+            max(len(batches) for batches in eval_plan),
+            collator,
+            processor.tokenizer,
+            input_dtype,
+            use_attention_mask,
+        )
+        log({"step": step, **result})
+        if is_main:
+            tqdm.write(
+                f"step {step}: WER {result['eval_wer']:.3f} CER {result['eval_cer']:.3f} "
+                f"({result['eval_utterances']} utterances) e.g. {result['eval_example']!r}"
+            )
+
+    # Per logging interval, summed on this rank and all-reduced when logged:
+    # loss sum, target tokens, audio seconds, padded seconds, micro-batches, batch checksum.
+    interval = torch.zeros(6, dtype=torch.float64)
+    interval_started = time.time()
+    layerdrop = getattr(engine.module, "synced_layerdrop", None)
+    engine.train()
+    while step < total_steps:
+        sampler.set_epoch(epoch)
+        plan = sampler.plan_epoch(epoch)
+        # Each micro-step's target tokens over all ranks, known from the plan without talking.
+        plan_targets = [
+            sum(int(train_set.text_lengths[batch].sum()) for batch in row) for row in plan
+        ]
+        first_micro_step = sampler.state_dict(consumed_in_pass=0)["consumed_micro_steps"]
+        for consumed, (checksum, batch) in enumerate(loader, start=1):
+            micro_step = first_micro_step + consumed - 1
+            window = micro_step - micro_step % training.gradient_accumulation_steps
+            step_targets = sum(plan_targets[window : window + training.gradient_accumulation_steps])
+            if step == 0 and consumed == 1:
+                startup.mark("first_batch")
+
+            input_values = batch["input_values"].to(engine.device, input_dtype)
+            attention_mask = batch["attention_mask"].to(engine.device)
+            labels = batch["labels"].to(engine.device)
+            if layerdrop is not None:
+                layerdrop.reseed(training.seed, step, micro_step)
+            logits = engine(
+                input_values, attention_mask=attention_mask if use_attention_mask else None
+            ).logits
+            loss_sum = ctc_loss_sum(engine.module, logits, labels, attention_mask)
+
+            # A non-finite loss on any rank is skipped on every rank (a one-sided skip would
+            # desynchronize the gradient reduction) and counted, never trained on.
+            finite = torch.isfinite(loss_sum.detach()).to(torch.int32).cpu()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item():
+                # DeepSpeed averages gradients over ranks; scaling by world_size makes the
+                # update the step's summed loss over its target tokens on all ranks.
+                engine.backward(loss_sum * world_size / step_targets, scale_wrt_gas=False)
+                interval[0] += loss_sum.item()
+            else:
+                nonfinite_skipped += 1
+                engine.backward(logits.float().nan_to_num().sum() * 0.0, scale_wrt_gas=False)
+            engine.step()
+            lengths = batch["attention_mask"].sum(-1)
+            interval[1] += float(batch["target_lengths"].sum())
+            interval[2] += float(lengths.sum()) / train_set.sampling_rate
+            interval[3] += (
+                float(input_values.shape[0] * input_values.shape[1]) / train_set.sampling_rate
+            )
+            interval[4] += 1
+            interval[5] += checksum
+            if (micro_step + 1) % training.gradient_accumulation_steps:
+                continue
+
+            step += 1
+            progress.update(1)
+            if step == 1:
+                startup.mark("first_optimizer_step")
+                if is_main:
+                    with open(os.path.join(training.output_dir, "startup.json"), "w") as file:
+                        json.dump({**startup.phases, "total": startup.total()}, file, indent=1)
+            if step % training.logging_steps == 0 or step == total_steps:
+                dist.all_reduce(interval)
+                elapsed = time.time() - interval_started
+                steps_in_interval = (
+                    interval[4].item() / world_size / training.gradient_accumulation_steps
+                )
+                log(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": interval[0].item() / max(interval[1].item(), 1),
+                        "learning_rate": engine.get_lr()[0],
+                        "audio_seconds_per_second": interval[2].item() / elapsed,
+                        "padding_fraction": 1 - interval[2].item() / interval[3].item(),
+                        "step_time": elapsed / steps_in_interval,
+                        "nonfinite_skipped": nonfinite_skipped,
+                        "batch_checksum": int(interval[5].item()),
+                    }
+                )
+                progress.set_postfix(loss=f"{interval[0].item() / max(interval[1].item(), 1):.3f}")
+                interval.zero_()
+                interval_started = time.time()
+            if eval_plan is not None and step % training.eval_steps == 0:
+                run_evaluation()
+            if step % training.save_steps == 0 or step == total_steps:
+                client_state = {
+                    "sampler": sampler.state_dict(consumed_in_pass=consumed),
+                    "step": step,
+                    "vocab": vocab,
+                    "nonfinite_skipped": nonfinite_skipped,
+                }
+                engine.save_checkpoint(checkpoint_dir, tag=f"step{step}", client_state=client_state)
+                if is_main:
+                    prune_checkpoints(checkpoint_dir, training.save_total_limit)
+            if step >= total_steps:
+                break
+        else:
+            epoch += 1
+
+    if eval_plan is not None and step % training.eval_steps != 0:
+        run_evaluation()
+    target = export_model(engine, processor, training.output_dir)
+    progress.close()
+    if is_main:
+        print(f"trained {step} steps; model exported to {target}")
+    # transformers holds HfDeepSpeedConfig by weak reference and asks it on every forward.
+    del hf_deepspeed_config
+    return 0
+
+
+def _main_with_clear_errors() -> int:
+    try:
+        return main()
+    except (TrainingSetupError, ModelSetupError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main_with_clear_errors())
