@@ -83,7 +83,11 @@ def build_model(
     }
     config_dict = _random_init_config(model_args.model_name_or_path)
     if config_dict is not None:
-        model = Wav2Vec2ForCTC._from_config(Wav2Vec2Config(**{**config_dict, **overrides}))
+        # Built whole, not under zero.Init: transformers' ZeRO-3 initialization skips the
+        # positional conv's weight-norm parameters (they sit two modules down) and leaves them
+        # uninitialized or crashes. deepspeed.initialize partitions the model right after;
+        # random-init models are benchmark and test sizes, so a whole copy per rank is fine.
+        model = Wav2Vec2ForCTC(Wav2Vec2Config(**{**config_dict, **overrides}))
     else:
         _check_pretrained_fits(model_args.model_name_or_path, vocab, sampling_rate)
         model = Wav2Vec2ForCTC.from_pretrained(
