@@ -93,6 +93,23 @@ def init_distributed() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
 
+def validate(data: DataArguments, training: TrainingArguments) -> None:
+    positive = {
+        "max_batch_seconds": data.max_batch_seconds,
+        "gradient_accumulation_steps": training.gradient_accumulation_steps,
+        "logging_steps": training.logging_steps,
+        "eval_steps": training.eval_steps,
+        "save_steps": training.save_steps,
+        "save_total_limit": training.save_total_limit,
+        "learning_rate": training.learning_rate,
+    }
+    for name, value in positive.items():
+        if not value > 0:
+            raise TrainingSetupError(f"--{name} must be positive, got {value}")
+    if training.max_steps is not None and training.max_steps <= 0:
+        raise TrainingSetupError(f"--max_steps must be positive, got {training.max_steps}")
+
+
 def open_datasets(data: DataArguments) -> tuple[ShardDataset, ShardDataset | None]:
     try:
         train_set = ShardDataset(data.train_dir)
@@ -105,9 +122,10 @@ def open_datasets(data: DataArguments) -> tuple[ShardDataset, ShardDataset | Non
                 f"eval data is {eval_set.sampling_rate} Hz, train data {train_set.sampling_rate} Hz"
             )
         unknown = sorted(set(eval_set.vocab) - set(train_set.vocab))
-        if unknown:
-            raise TrainingSetupError(
-                f"eval transcripts use characters the train vocabulary lacks: {''.join(unknown)}"
+        if unknown and int(os.environ.get("RANK", "0")) == 0:
+            # The model cannot emit them, so they count as errors: honest, and worth knowing.
+            print(
+                f"warning: eval transcripts use characters unseen in training: {''.join(unknown)}"
             )
     return train_set, eval_set
 
@@ -191,6 +209,7 @@ def prune_checkpoints(checkpoint_dir: str, keep: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     model_args, data_args, training = parse_arguments(sys.argv[1:] if argv is None else argv)
     startup = StartupClock()
+    validate(data_args, training)
     init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
@@ -244,8 +263,14 @@ def main(argv: list[str] | None = None) -> int:
 
     checkpoint_dir = os.path.join(training.output_dir, CHECKPOINT_DIR)
     step, epoch, nonfinite_skipped = 0, 0, 0
+    has_checkpoint = os.path.isfile(os.path.join(checkpoint_dir, "latest"))
+    if has_checkpoint and not (training.resume or training.export_only):
+        raise TrainingSetupError(
+            f"{training.output_dir} has checkpoints: pass --resume to continue from them, "
+            "or choose another --output_dir"
+        )
     if training.resume or training.export_only:
-        if not os.path.isfile(os.path.join(checkpoint_dir, "latest")):
+        if not has_checkpoint:
             raise TrainingSetupError(f"no checkpoint to resume from in {checkpoint_dir}")
         _, client_state = engine.load_checkpoint(checkpoint_dir)
         if client_state["vocab"] != vocab:

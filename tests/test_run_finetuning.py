@@ -1,0 +1,239 @@
+"""Training through the real deepspeed launcher: 2 CPU ranks over gloo, real ZeRO-2 and ZeRO-3."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from espeak_audio import REPO_ROOT
+
+from argument_classes import ManifestArguments, PreprocessArguments
+from preprocess.prepare_dataset import prepare
+
+LAUNCHER = [sys.executable, "-m", "deepspeed.launcher.runner"]
+SCRIPT = str(REPO_ROOT / "train" / "run_finetuning.py")
+
+
+@pytest.fixture(scope="session")
+def prepared(ray_local, german_corpus, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("prepared")
+    for split in ("train", "dev"):
+        prepare(
+            ManifestArguments(manifest=str(german_corpus / f"{split}.tsv")),
+            PreprocessArguments(output_dir=str(root / split)),
+        )
+    return {"train": root / "train", "dev": root / "dev", "corpus": german_corpus}
+
+
+def training_args(prepared: dict[str, Path], output_dir: Path, config: str, **extra) -> list[str]:
+    options = {
+        "deepspeed": str(REPO_ROOT / "ds_configs" / config),
+        "train_dir": str(prepared["train"]),
+        "eval_dir": str(prepared["dev"]),
+        "model_name_or_path": "tiny",
+        "output_dir": str(output_dir),
+        "max_steps": 4,
+        "eval_steps": 2,
+        "save_steps": 2,
+        "logging_steps": 1,
+        "warmup_steps": 1,
+        "learning_rate": 1e-3,
+        "max_batch_seconds": 12,
+        "dataloader_num_workers": 1,
+        # SpecAugment draws from numpy's global RNG, which differs per process: off, so runs
+        # compare exactly.
+        "mask_time_prob": 0.0,
+        **extra,
+    }
+    return [f"--{key}={value}" for key, value in options.items()]
+
+
+def launch(args: list[str], num_ranks: int = 2, **popen) -> subprocess.CompletedProcess:
+    command = [*LAUNCHER, "--num_gpus", str(num_ranks), SCRIPT, *args]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, **popen)
+
+
+def records(output_dir: Path) -> list[dict]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def train_steps(output_dir: Path) -> dict[int, dict]:
+    """The last logged record of every step (a resumed run logs some steps twice)."""
+    return {r["step"]: r for r in records(output_dir) if "loss" in r}
+
+
+def assert_succeeded(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def zero2_run(prepared, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("zero2")
+    assert_succeeded(launch(training_args(prepared, output, "zero2_fp32.json", layerdrop=0.3)))
+    return output
+
+
+def test_zero2_two_ranks_with_layerdrop_logs_evaluates_and_exports(zero2_run):
+    steps = train_steps(zero2_run)
+    assert sorted(steps) == [1, 2, 3, 4]
+    for record in steps.values():
+        assert math.isfinite(record["loss"]) and record["loss"] > 0
+        assert 0 <= record["padding_fraction"] < 0.5
+        assert record["audio_seconds_per_second"] > 0 and record["nonfinite_skipped"] == 0
+    evaluations = [r for r in records(zero2_run) if "eval_cer" in r]
+    assert [r["step"] for r in evaluations] == [2, 4]
+    startup = json.loads((zero2_run / "startup.json").read_text())
+    phases = ["imports", "distributed_init", "dataset_open_and_batch_plan", "model_build"]
+    phases += ["deepspeed_initialize", "first_batch", "first_optimizer_step"]
+    assert all(startup[p] >= 0 for p in phases)
+    assert any(p.name.startswith("events") for p in (zero2_run / "tensorboard").iterdir())
+    checkpoints = sorted(p.name for p in (zero2_run / "checkpoints").iterdir() if p.is_dir())
+    assert checkpoints == ["step2", "step4"]
+
+
+def test_evaluation_covers_every_dev_utterance(zero2_run, prepared):
+    from preprocess.shard_format import ShardDataset
+
+    evaluations = [r for r in records(zero2_run) if "eval_cer" in r]
+    assert all(r["eval_utterances"] == len(ShardDataset(str(prepared["dev"]))) for r in evaluations)
+
+
+def test_export_round_trips_through_pipeline(zero2_run, prepared):
+    import soundfile
+    import soxr
+    import transformers
+
+    recognizer = transformers.pipeline(
+        "automatic-speech-recognition", model=str(zero2_run / "model")
+    )
+    clip = next((prepared["corpus"] / "clips").glob("*.mp3"))
+    audio, rate = soundfile.read(clip, dtype="float32")
+    transcript = recognizer(soxr.resample(audio, rate, 16000))["text"]
+    assert isinstance(transcript, str)
+    vocab = json.loads((zero2_run / "model" / "vocab.json").read_text())
+    assert set(transcript) <= set(vocab) | {" "}
+
+
+def test_zero3_matches_zero2_and_exports_gathered_weights(zero2_run, prepared, tmp_path):
+    from safetensors.numpy import load_file
+    from transformers import Wav2Vec2ForCTC
+
+    args = training_args(prepared, tmp_path, "zero3_fp32.json", layerdrop=0.3)
+    assert_succeeded(launch(args))
+    zero3, zero2 = train_steps(tmp_path), train_steps(zero2_run)
+    # Same seed, same batches, same synchronized layerdrop: ZeRO-3 computes the same losses,
+    # up to the summation order of partitioned updates, which drifts by a fraction of a percent.
+    assert zero3[1]["loss"] == zero2[1]["loss"]
+    for step in (1, 2, 3, 4):
+        assert zero3[step]["batch_checksum"] == zero2[step]["batch_checksum"]
+        assert zero3[step]["loss"] == pytest.approx(zero2[step]["loss"], rel=1e-2)
+
+    exported = load_file(str(tmp_path / "model" / "model.safetensors"))
+    reference = Wav2Vec2ForCTC.from_pretrained(str(zero2_run / "model")).state_dict()
+    assert set(exported) == set(reference)
+    for name, tensor in exported.items():
+        assert tensor.shape == tuple(reference[name].shape), name
+    np.testing.assert_allclose(
+        exported["lm_head.weight"], reference["lm_head.weight"].numpy(), rtol=0, atol=1e-3
+    )
+
+
+def test_resume_after_kill_sees_the_same_batches(zero2_run, prepared, tmp_path):
+    args = training_args(prepared, tmp_path, "zero2_fp32.json", layerdrop=0.3, max_steps=6)
+    reference_dir = tmp_path / "uninterrupted"
+    reference_args = training_args(
+        prepared, reference_dir, "zero2_fp32.json", layerdrop=0.3, max_steps=6
+    )
+    assert_succeeded(launch(reference_args))
+
+    killed = subprocess.Popen(
+        [*LAUNCHER, "--num_gpus", "2", SCRIPT, *args],
+        cwd=REPO_ROOT, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "metrics.jsonl").exists() or 3 not in train_steps(tmp_path):
+        assert killed.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert 6 not in train_steps(tmp_path)
+
+    assert_succeeded(launch([*args, "--resume=True"]))
+    resumed, reference = train_steps(tmp_path), train_steps(reference_dir)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert resumed[step]["batch_checksum"] == reference[step]["batch_checksum"], step
+        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-3), step
+
+
+def test_two_nodes_on_loopback(prepared, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = 29000 + os.getpid() % 1000
+    nodes = [
+        subprocess.Popen(
+            [
+                *LAUNCHER, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
+                "--master_addr", "127.0.0.1", "--master_port", str(port), SCRIPT,
+                *training_args(prepared, tmp_path / "run", "zero2_fp32.json", max_steps=2),
+            ],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in (0, 1)
+    ]  # fmt: skip
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert sorted(train_steps(tmp_path / "run")) == [1, 2]
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"train_dir": "/nonexistent"}, "not a prepared dataset"),
+        ({"deepspeed": "/nonexistent.json"}, "cannot read DeepSpeed config"),
+        ({"eval_dir": "EIGHT_KHZ"}, "Hz"),
+        ({"max_batch_seconds": 0}, "max_batch_seconds"),
+    ],
+)
+def test_bad_input_is_one_line_error(prepared, tmp_path, ray_local, change, message):
+    if change.get("eval_dir") == "EIGHT_KHZ":
+        prepare(
+            ManifestArguments(manifest=str(prepared["corpus"] / "dev.tsv")),
+            PreprocessArguments(output_dir=str(tmp_path / "dev8k"), sampling_rate=8000),
+        )
+        change = {"eval_dir": str(tmp_path / "dev8k")}
+    args = training_args(prepared, tmp_path / "run", "zero2_fp32.json", **change)
+    result = subprocess.run(
+        [sys.executable, "-m", "train.run_finetuning", *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+
+
+def test_vocabulary_mismatch_with_model_head_is_refused(zero2_run, prepared, tmp_path):
+    model_dir = tmp_path / "other_head"
+    subprocess.run(["cp", "-r", str(zero2_run / "model"), str(model_dir)], check=True)
+    vocab = json.loads((model_dir / "vocab.json").read_text())
+    vocab["ł"] = len(vocab)
+    (model_dir / "vocab.json").write_text(json.dumps(vocab))
+    args = training_args(prepared, tmp_path / "run", "zero2_fp32.json")
+    args = [a for a in args if not a.startswith("--model_name_or_path")]
+    result = subprocess.run(
+        [sys.executable, "-m", "train.run_finetuning", *args, f"--model_name_or_path={model_dir}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "another vocabulary" in result.stderr
