@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -56,8 +57,18 @@ def training_args(prepared: dict[str, Path], output_dir: Path, config: str, **ex
     return [f"--{key}={value}" for key, value in options.items()]
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launcher(num_ranks: int = 2) -> list[str]:
+    return [*LAUNCHER, "--num_gpus", str(num_ranks), "--master_port", str(free_port())]
+
+
 def launch(args: list[str], num_ranks: int = 2, **popen) -> subprocess.CompletedProcess:
-    command = [*LAUNCHER, "--num_gpus", str(num_ranks), SCRIPT, *args]
+    command = [*launcher(num_ranks), SCRIPT, *args]
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, **popen)
 
 
@@ -156,7 +167,7 @@ def test_resume_after_kill_sees_the_same_batches(zero2_run, prepared, tmp_path):
     assert_succeeded(launch(reference_args))
 
     killed = subprocess.Popen(
-        [*LAUNCHER, "--num_gpus", "2", SCRIPT, *args],
+        [*launcher(), SCRIPT, *args],
         cwd=REPO_ROOT, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -179,7 +190,7 @@ def test_resume_after_kill_sees_the_same_batches(zero2_run, prepared, tmp_path):
 def test_two_nodes_on_loopback(prepared, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    port = 29000 + os.getpid() % 1000
+    port = free_port()
     nodes = [
         subprocess.Popen(
             [

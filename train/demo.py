@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -57,8 +58,12 @@ def train(data: Path, run: Path, args: argparse.Namespace) -> None:
     gpus = torch.cuda.device_count()
     num_ranks = args.num_ranks or gpus or min(2, os.cpu_count() or 1)
     config = "zero2_bf16.json" if gpus else "zero2_fp32.json"
+    with socket.socket() as sock:  # the launcher's default port may be taken by another job
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     command = [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
+        "--master_port", str(port),
         str(REPO_ROOT / "train" / "run_finetuning.py"),
         "--deepspeed", str(REPO_ROOT / "ds_configs" / config),
         "--train_dir", str(data / "train"), "--eval_dir", str(data / "dev"),
