@@ -71,7 +71,8 @@ class PreprocessArguments:
     rows_per_task: int = field(
         default=256,
         metadata={
-            "help": "Manifest rows per Ray task; each task decodes and writes its own shards."
+            "help": "At most this many manifest rows per Ray task (fewer on small corpora, so "
+            "every CPU gets several tasks); each task decodes and writes its own shards."
         },
     )
     decode_batch_size: int = field(

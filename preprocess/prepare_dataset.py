@@ -9,6 +9,7 @@ Rerunning on the same output directory processes only manifest rows it has not s
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 import uuid
@@ -25,6 +26,9 @@ from preprocess import audio_decoding, shard_format, storage
 from preprocess.audio_decoding import RejectReason
 from preprocess.manifest import ManifestError, read_manifest
 from preprocess.text_normalization import TextNormalizer, build_vocab
+
+TASKS_PER_CPU = 4
+MIN_ROWS_PER_TASK = 8
 
 
 class ArgumentError(ValueError):
@@ -140,10 +144,13 @@ def _run_ray_pipeline(
     from preprocess.arrow_shard_datasink import ArrowShardDatasink
 
     # One block per task-sized slice of the manifest: each becomes one fused decode+write task.
-    slices = [
-        rows.slice(start, preprocess.rows_per_task)
-        for start in range(0, rows.num_rows, preprocess.rows_per_task)
-    ]
+    # At least TASKS_PER_CPU tasks per CPU, so the last wave of tasks does not leave cores idle.
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    rows_per_task = max(
+        MIN_ROWS_PER_TASK,
+        min(preprocess.rows_per_task, math.ceil(rows.num_rows / (cpus * TASKS_PER_CPU))),
+    )
+    slices = [rows.slice(start, rows_per_task) for start in range(0, rows.num_rows, rows_per_task)]
     datasink = ArrowShardDatasink(
         staging_uri=storage.join(preprocess.output_dir, f"{shard_format.STAGING_DIR}/{run_id}"),
         run_id=run_id,
