@@ -153,8 +153,9 @@ def deepspeed_config(training: TrainingArguments, total_steps: int) -> dict[str,
         "params": {
             "warmup_min_lr": 0.0,
             "warmup_max_lr": training.learning_rate,
-            "warmup_num_steps": min(training.warmup_steps, max(total_steps - 1, 0)),
-            "total_num_steps": max(total_steps, 1),
+            # DeepSpeed rejects zero warmup steps and a decay shorter than the warmup.
+            "warmup_num_steps": max(1, min(training.warmup_steps, total_steps - 1)),
+            "total_num_steps": max(total_steps, 2),
             "warmup_type": "linear",
         },
     }
