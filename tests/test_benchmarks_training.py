@@ -1,0 +1,134 @@
+"""The startup and training-throughput benchmarks run end to end (--quick) and write sane JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import hf_trainer_baseline, startup_time, training_throughput
+
+ROW_KEYS = {"metric", "ours", "baseline", "baseline_name", "ratio", "unit", "higher_is_better"}
+OURS_PHASES = [
+    "imports",
+    "distributed_init",
+    "dataset_open_and_batch_plan",
+    "model_build",
+    "deepspeed_initialize",
+    "first_batch",
+    "first_optimizer_step",
+]
+HF_PHASES = [
+    "imports",
+    "load_dataset",
+    "text_and_vocab",
+    "model_build",
+    "map_decode_resample_features",
+    "trainer_init",
+    "train_begin",
+    "first_optimizer_step",
+]
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared, so the --quick corpus and its dataset are made once for both benchmarks."""
+    return tmp_path_factory.mktemp("benchmark-training-work")
+
+
+def read_quick_result(output_dir: Path, name: str) -> dict[str, Any]:
+    """The --quick result: schema-conforming rows with positive figures, a plot beside it."""
+    document = json.loads((output_dir / f"{name}-quick.json").read_text(encoding="utf-8"))
+    assert document["benchmark"] == name and document["quick"] is True
+    assert (output_dir / document["plot"]).stat().st_size > 0
+    assert document["machine"]["cores"] >= 1
+    for row in document["rows"]:
+        assert ROW_KEYS <= set(row)
+        assert row["ours"] > 0 and row["baseline"] > 0
+        assert row["ratio"] == pytest.approx(row["ours"] / row["baseline"])
+    return document
+
+
+@pytest.mark.parametrize("module", [startup_time, training_throughput, hf_trainer_baseline])
+def test_help(module, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage: python -m benchmarks." in capsys.readouterr().out
+
+
+def test_startup_time_quick(tmp_path, work_dir) -> None:
+    argv = ["--quick", "--num_cpus", "2", "--work_dir", str(work_dir)]
+    assert startup_time.main([*argv, "--output_dir", str(tmp_path)]) == 0
+
+    document = read_quick_result(tmp_path, "startup_time")
+    cold_name, warm_name = startup_time.SYSTEMS["hf_cold"], startup_time.SYSTEMS["hf_warm"]
+    headline_rows = [row for row in document["rows"] if row["headline"]]
+    assert [row["baseline_name"] for row in headline_rows] == [cold_name, warm_name]
+    (first_launch,) = [row for row in document["rows"] if not row["headline"]]
+    (size,) = document["details"]["sizes"]
+    assert size["hours"] == 0.02 and size["clips"] > 0
+    assert size["preprocess_seconds_not_counted"] > 0
+    assert first_launch["ours"] == pytest.approx(
+        headline_rows[0]["ours"] + size["preprocess_seconds_not_counted"]
+    )
+    for system, phases in [("ours", OURS_PHASES), ("hf_cold", HF_PHASES), ("hf_warm", HF_PHASES)]:
+        (run,) = size["runs"][system]
+        assert list(run["phases"]) == phases
+        assert all(seconds >= 0 for seconds in run["phases"].values())
+        assert run["total"] == pytest.approx(sum(run["phases"].values()))
+        assert run["total"] > 0
+        # The phases start at process creation, a moment after Popen; exit comes after them.
+        assert run["wall_seconds"] > run["total"] - 0.5
+    cold, warm = size["runs"]["hf_cold"][0], size["runs"]["hf_warm"][0]
+    # The warm run found everything the cold one wrote; the HF side trained on the same audio.
+    assert cold["cache_arrow_files_written"] > 0 and warm["cache_arrow_files_written"] == 0
+    for run in (cold, warm):
+        assert run["rows"] == size["clips"]
+        assert run["audio_hours"] == pytest.approx(size["audio_hours"], rel=1e-3)
+
+
+def test_training_throughput_quick(tmp_path, work_dir) -> None:
+    argv = ["--quick", "--num_cpus", "2", "--work_dir", str(work_dir)]
+    assert training_throughput.main([*argv, "--output_dir", str(tmp_path)]) == 0
+
+    document = read_quick_result(tmp_path, "training_throughput")
+    details = document["details"]
+    assert details["device"]["kind"] in ("cpu", "cuda") and details["device"]["name"]
+    runs = details["runs"]
+    assert [(run["preset"], run["stage"]) for run in runs] == [("tiny", 2), ("tiny", 3)]
+    for run in runs:
+        assert run["ok"], run.get("error")
+        assert run["measured_steps"] == details["steps"] == 2
+        assert run["audio_seconds_per_second"] > 0 and run["median_step_time"] > 0
+        assert run["all_losses_finite"] and 0 <= run["mean_padding_fraction"] < 1
+        assert run["startup"]["total"] > 0
+    (headline,) = [row for row in document["rows"] if row["headline"]]
+    assert "ZeRO-3" in headline["metric"] and headline["baseline_name"].startswith("ZeRO-2")
+    assert headline["higher_is_better"] is True
+
+
+def test_step_statistics_weighs_steps_by_their_time() -> None:
+    records = [
+        {"step": 1, "loss": 9.0, "audio_seconds_per_second": 1.0, "step_time": 50.0},
+        {"step": 2, "loss": 5.0, "audio_seconds_per_second": 10.0, "step_time": 1.0},
+        {"step": 3, "loss": 4.0, "audio_seconds_per_second": 30.0, "step_time": 3.0},
+        {"step": 3, "eval_wer": 0.9},
+    ]
+    for record in records[:3]:
+        record["padding_fraction"] = 0.1
+    statistics = training_throughput.step_statistics(records, warmup_steps=1)
+    assert statistics["measured_steps"] == 2
+    assert statistics["audio_seconds_per_second"] == pytest.approx((10 + 90) / 4)
+    assert statistics["median_step_time"] == pytest.approx(2.0)
+    with pytest.raises(RuntimeError):
+        training_throughput.step_statistics(records, warmup_steps=3)
+
+
+def test_training_throughput_rejects_mismatched_batch_budgets() -> None:
+    with pytest.raises(SystemExit):
+        training_throughput.parse_args(
+            ["--presets", "tiny", "base", "--max_batch_seconds", "1", "2", "3"]
+        )
