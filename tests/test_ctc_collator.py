@@ -48,7 +48,8 @@ def test_padding_mask_and_labels() -> None:
 
     assert batch["input_values"].dtype == torch.float32
     assert batch["input_values"].shape == (3, 1_000)
-    assert batch["attention_mask"].dtype == torch.int64
+    assert batch["attention_mask"].dtype == torch.int32
+    assert batch["input_lengths"].tolist() == [700, 1_000, 300]
     for row, item in enumerate(items):
         length = len(item["audio"])
         assert torch.equal(batch["input_values"][row, :length], torch.from_numpy(item["audio"]))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from espeak_audio import REPO_ROOT
 
 from argument_classes import ManifestArguments, PreprocessArguments
@@ -99,7 +100,8 @@ def test_zero2_two_ranks_with_layerdrop_logs_evaluates_and_exports(zero2_run):
     for record in steps.values():
         assert math.isfinite(record["loss"]) and record["loss"] > 0
         assert 0 <= record["padding_fraction"] < 0.5
-        assert record["audio_seconds_per_second"] > 0 and record["nonfinite_skipped"] == 0
+        assert record["audio_seconds_per_second"] > 0 and record["nonfinite_losses"] == 0
+        assert record["skipped_steps"] == 0
     evaluations = [r for r in records(zero2_run) if "eval_cer" in r]
     assert [r["step"] for r in evaluations] == [2, 4]
     startup = json.loads((zero2_run / "startup.json").read_text())
@@ -248,3 +250,133 @@ def test_vocabulary_mismatch_with_model_head_is_refused(zero2_run, prepared, tmp
     )  # fmt: skip
     assert result.returncode == 2
     assert "another vocabulary" in result.stderr
+
+
+def poison_with_nan(dataset_dir: Path, index: int) -> None:
+    """Overwrites utterance `index`'s samples with NaN in place, as a corrupted recording would.
+
+    prepare_dataset rejects non-finite audio, so this is the only way one reaches training.
+    The shard keeps its size and layout; only the sample bytes change.
+    """
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    from preprocess.shard_format import ShardDataset
+
+    entry = ShardDataset(str(dataset_dir)).length_index.slice(index, 1).to_pylist()[0]
+    path = dataset_dir / entry["shard"]
+    data = bytearray(path.read_bytes())
+    file_buffer = pa.py_buffer(bytes(data))
+    row = entry["row"]
+    for audio in ipc.open_file(file_buffer).read_all().column("audio").chunks:
+        if row >= len(audio):
+            row -= len(audio)
+            continue
+        start, stop = audio.offsets[row].as_py(), audio.offsets[row + 1].as_py()
+        values = audio.values
+        offset = values.buffers()[1].address - file_buffer.address + (values.offset + start) * 4
+        data[offset : offset + (stop - start) * 4] = np.full(stop - start, np.nan, "<f4").tobytes()
+        break
+    path.write_bytes(bytes(data))
+    assert np.isnan(ShardDataset(str(dataset_dir))[index]["audio"]).all()
+
+
+@pytest.mark.parametrize("config", ["zero2_fp32.json", "zero3_fp32.json"])
+def test_nonfinite_loss_skips_the_whole_step_on_every_rank(prepared, tmp_path, config):
+    import shutil
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from argument_classes import DataArguments, TrainingArguments
+    from preprocess.shard_format import ShardDataset
+    from train.duration_bucket_sampler import DurationBucketSampler
+
+    train_dir = tmp_path / "train-with-nan"
+    shutil.copytree(prepared["train"], train_dir)
+    train_set = ShardDataset(str(train_dir))
+    sampler = DurationBucketSampler(
+        num_samples=train_set.num_samples,
+        sampling_rate=train_set.sampling_rate,
+        max_batch_seconds=12,
+        world_size=2,
+        num_buckets=DataArguments.num_buckets,
+        seed=TrainingArguments.seed,
+    )
+    # Poison an utterance rank 1 trains on in step 3 (steps 1 and 2 run at a learning rate of
+    # 0 during the warmup, so only later steps can show that a skip kept the weights).
+    poisoned = int(sampler.plan_epoch(0)[2][1][0])
+    poison_with_nan(train_dir, poisoned)
+    max_steps = 6
+    rows = [row for epoch in range(max_steps) for row in sampler.plan_epoch(epoch)][:max_steps]
+    bad_steps = {step for step, row in enumerate(rows, 1) if any(poisoned in b for b in row)}
+    assert 3 in bad_steps and len(bad_steps) < max_steps - 2
+
+    output = tmp_path / "run"
+    args = training_args(prepared, output, config, max_steps=max_steps, save_steps=1)
+    args = [a for a in args if not a.startswith("--eval_dir")]
+    args += [f"--train_dir={train_dir}", "--save_total_limit=99"]
+    assert_succeeded(launch(args))
+
+    steps = train_steps(output)
+    expected = [sum(s <= step for s in bad_steps) for step in range(1, max_steps + 1)]
+    assert [steps[s]["nonfinite_losses"] for s in range(1, max_steps + 1)] == expected
+    assert [steps[s]["skipped_steps"] for s in range(1, max_steps + 1)] == expected
+    assert all(math.isfinite(record["loss"]) for record in steps.values())
+    # A skipped step does not advance the schedule either.
+    assert steps[3]["learning_rate"] == steps[2]["learning_rate"] > 0
+
+    def master(step: int) -> dict:
+        return get_fp32_state_dict_from_zero_checkpoint(str(output / "checkpoints"), f"step{step}")
+
+    weights = {step: master(step) for step in range(2, max_steps + 1)}
+    for step in range(3, max_steps + 1):
+        unchanged = all(torch.equal(weights[step][n], t) for n, t in weights[step - 1].items())
+        assert unchanged == (step in bad_steps), step
+
+
+@pytest.mark.parametrize("config", ["zero2_bf16.json", "zero3_bf16.json"])
+def test_bf16_export_holds_the_fp32_master_weights(prepared, tmp_path, config):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from argument_classes import ModelArguments, TrainingArguments
+    from preprocess.shard_format import ShardDataset
+    from train.wav2vec2_model import build_model
+
+    args = training_args(prepared, tmp_path, config, max_steps=2, freeze_feature_encoder=True)
+    assert_succeeded(launch([a for a in args if not a.startswith("--eval_dir")]))
+
+    exported = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert all(tensor.dtype == torch.float32 for tensor in exported.values())
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "checkpoints"), "step2")
+    # The same seeded random init the trainer built, before DeepSpeed cast it to bf16.
+    train_set = ShardDataset(str(prepared["train"]))
+    torch.manual_seed(TrainingArguments.seed)
+    initial = build_model(
+        ModelArguments(model_name_or_path="tiny", mask_time_prob=0.0),
+        train_set.vocab,
+        train_set.sampling_rate,
+    )
+    frozen = {name for name, p in initial.named_parameters() if not p.requires_grad}
+    assert frozen and len(frozen) < len(exported)
+    for name, tensor in exported.items():
+        if name in frozen:
+            # Exported at full precision, not rounded to bf16 with the module.
+            assert torch.equal(tensor, initial.state_dict()[name]), name
+        else:
+            assert torch.equal(tensor, masters[name].float()), name
+    rounded = [n for n in frozen if not torch.equal(exported[n], exported[n].bfloat16().float())]
+    assert rounded, "the frozen weights would survive bf16 rounding; the test shows nothing"
+
+
+def test_shipped_configs_compile_nothing_and_sync_nothing_extra():
+    """No throughput timer (it syncs the device twice per micro-step); torch's fused AdamW
+    everywhere except the CPU-offload configs, which keep DeepSpeed's CPU Adam."""
+    for path in sorted((REPO_ROOT / "ds_configs").glob("*.json")):
+        config = json.loads(path.read_text())
+        assert config["timers"]["throughput"]["enabled"] is False, path.name
+        params = config["optimizer"]["params"]
+        offloaded = "offload_optimizer" in config["zero_optimization"]
+        assert params.get("torch_adam", False) is not offloaded, path.name
+        assert params.get("fused", False) is not offloaded, path.name
+        assert {"betas", "eps"} <= set(params), path.name

@@ -32,7 +32,8 @@ class CTCCollator:
     With ``do_normalize`` each utterance is scaled to zero mean and unit variance over
     its real samples only, as Wav2Vec2FeatureExtractor does given an attention mask, so
     padding never shifts the statistics. Padding is zeros in ``input_values`` and -100
-    in ``labels``.
+    in ``labels``. ``input_lengths`` (samples) and ``target_lengths`` stay host tensors: the
+    CTC loss wants its lengths on the host, so they never travel to the device and back.
     """
 
     vocab: dict[str, int]
@@ -75,8 +76,16 @@ class CTCCollator:
         for row, ids in enumerate(label_ids):
             labels[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
 
-        batch = {"input_values": input_values, "labels": labels, "target_lengths": target_lengths}
+        input_lengths = torch.tensor([audio.shape[0] for audio in audios], dtype=torch.int64)
+        batch = {
+            "input_values": input_values,
+            "input_lengths": input_lengths,
+            "labels": labels,
+            "target_lengths": target_lengths,
+        }
         if self.return_attention_mask:
-            lengths = torch.tensor([audio.shape[0] for audio in audios], dtype=torch.int64)
-            batch["attention_mask"] = (torch.arange(frames) < lengths[:, None]).to(torch.int64)
+            # int32: half the bytes of int64 to copy to the device, and all the model needs.
+            batch["attention_mask"] = (torch.arange(frames) < input_lengths[:, None]).to(
+                torch.int32
+            )
         return batch

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jiwer
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 from transformers import Wav2Vec2CTCTokenizer
 
 from preprocess.shard_format import ShardDataset
@@ -17,11 +18,10 @@ from preprocess.shard_format import ShardDataset
 def evaluation_batches(
     num_samples: np.ndarray, sampling_rate: int, max_batch_seconds: float, world_size: int
 ) -> list[list[list[int]]]:
-    """Per rank, batches covering every utterance exactly once, the same count on every rank.
+    """Per rank, batches covering every utterance exactly once.
 
-    Utterances are sorted by length so batches pad little. Ranks with fewer batches repeat their
-    last one (its output is discarded): under ZeRO-3 every forward gathers parameters
-    collectively, so a rank that stops early would hang the others.
+    Utterances are sorted by length so batches pad little, and dealt to ranks in turn; with
+    fewer utterances than ranks some ranks get no batch at all.
     """
     order = np.argsort(num_samples, kind="stable")
     budget = max_batch_seconds * sampling_rate
@@ -40,6 +40,16 @@ def evaluation_batches(
     return per_rank
 
 
+class _WithTranscripts:
+    """Collates a batch and keeps its reference transcripts beside it."""
+
+    def __init__(self, collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]) -> None:
+        self.collate = collate
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+        return [item["text"] for item in items], self.collate(list(items))
+
+
 @torch.no_grad()
 def evaluate(
     engine: Any,
@@ -50,33 +60,53 @@ def evaluate(
     tokenizer: Wav2Vec2CTCTokenizer,
     input_dtype: torch.dtype,
     use_attention_mask: bool,
+    cpu_group: Any,
+    num_workers: int,
 ) -> dict[str, float]:
-    """This rank decodes its batches; rank 0 returns WER and CER over all ranks' utterances."""
+    """This rank decodes its batches; every rank returns WER and CER over all ranks' utterances.
+
+    Every rank runs `num_batches` forwards: under ZeRO-3 a forward gathers parameters
+    collectively, so a rank with fewer (or no) batches of its own repeats one whose output it
+    discards. Collation runs in DataLoader workers; the greedy predictions stay on the device
+    until the last forward, then come to the host in one copy and are decoded there. The
+    transcripts are gathered once, on the CPU group.
+    """
     engine.eval()
-    references: list[str] = []
-    hypotheses: list[str] = []
+    filler = batches[-1] if batches else [0]
+    plan = batches + [filler] * (num_batches - len(batches))
+    loader = DataLoader(
+        dataset,
+        batch_sampler=plan,
+        collate_fn=_WithTranscripts(collate),
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
     model = engine.module
-    for position in range(num_batches):
-        filler = position >= len(batches)
-        indices = batches[-1] if filler else batches[position]
-        items = [dataset[i] for i in indices]
-        batch = collate(items)
-        input_values = batch["input_values"].to(engine.device, input_dtype)
-        attention_mask = batch["attention_mask"].to(engine.device)
+    predictions: list[torch.Tensor] = []
+    frames: list[int] = []
+    references: list[str] = []
+    for position, (texts, batch) in enumerate(loader):
+        input_values = batch["input_values"].to(engine.device, non_blocking=True)
+        attention_mask = batch["attention_mask"].to(engine.device, non_blocking=True)
         logits = engine(
-            input_values, attention_mask=attention_mask if use_attention_mask else None
+            input_values.to(input_dtype),
+            attention_mask=attention_mask if use_attention_mask else None,
         ).logits
-        if filler:
+        if position >= len(batches):
             continue
-        frames = model._get_feat_extract_output_lengths(attention_mask.sum(-1)).tolist()
-        predicted = logits.argmax(-1).cpu()
-        hypotheses += [
-            tokenizer.decode(predicted[row, :length].tolist()) for row, length in enumerate(frames)
-        ]
-        references += [item["text"] for item in items]
+        predictions += list(logits.argmax(-1).to(torch.int32))
+        frames += model._get_feat_extract_output_lengths(batch["input_lengths"]).tolist()
+        references += texts
     engine.train()
+
+    hypotheses: list[str] = []
+    if predictions:
+        # One device-to-host copy for the whole evaluation, not one per batch.
+        flat = torch.cat([row[:length] for row, length in zip(predictions, frames, strict=True)])
+        rows = flat.cpu().split(frames)
+        hypotheses = [tokenizer.decode(row.tolist()) for row in rows]
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (references, hypotheses))
+    dist.all_gather_object(gathered, (references, hypotheses), group=cpu_group)
     all_references = [r for refs, _ in gathered for r in refs]
     all_hypotheses = [h for _, hyps in gathered for h in hyps]
     return {

@@ -2,26 +2,71 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from typing import Any
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
+from torch import nn
 from transformers import Wav2Vec2Processor
 
 
-def export_model(engine: Any, processor: Wav2Vec2Processor, output_dir: str) -> str | None:
-    """Save OUTPUT/model: config, safetensors weights in float32, feature extractor, tokenizer.
+def frozen_fp32_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Host fp32 copies of the frozen parameters, taken before DeepSpeed casts the module.
 
-    Under ZeRO-3 the weights are partitioned across ranks and gathered here, which is a
-    collective: every rank must call this. Rank 0 writes into a temporary directory and renames
-    it into place, so a half-written export is never mistaken for a finished one.
+    DeepSpeed keeps fp32 master weights only for what it optimizes: a frozen feature encoder
+    is cast to bf16/fp16 with the module and would be exported rounded. Frozen weights never
+    change, so these copies are what the export writes for them. Parameters that ZeRO-3's
+    zero.Init already partitioned while loading are gathered (a collective: every rank calls
+    this) at the dtype they were loaded in.
     """
-    if engine.zero_optimization_partition_weights():
-        state_dict = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state_dict = engine.module.state_dict()
+    frozen: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            continue
+        partitioned = hasattr(param, "ds_id")
+        gathered = deepspeed.zero.GatheredParameters([param]) if partitioned else None
+        with gathered or contextlib.nullcontext():
+            frozen[name] = param.detach().to("cpu", torch.float32, copy=True)
+    return frozen
+
+
+def fp32_state_dict(engine: Any, frozen_fp32: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's weights at full precision: trained ones from the optimizer's fp32 masters.
+
+    The module's own copy is bf16/fp16 in mixed-precision runs (and partitioned under ZeRO-3);
+    the masters are what training actually converged to. Assembling a master is a collective
+    under every ZeRO stage, so every rank calls this, in the same parameter order.
+    """
+    module = engine.module
+    state_dict: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        if name in frozen_fp32:
+            state_dict[name] = frozen_fp32[name]
+            continue
+        master = safe_get_full_fp32_param(param)
+        if master is None:
+            raise RuntimeError(f"DeepSpeed holds no fp32 master for trainable parameter {name}")
+        state_dict[name] = master.detach().to("cpu", torch.float32)
+    missing = set(module.state_dict()) - set(state_dict)
+    if missing:  # wav2vec2 has no buffers; a model that has some needs them exported too
+        raise RuntimeError(f"export covers parameters only; missing {sorted(missing)[:3]}")
+    return state_dict
+
+
+def export_model(
+    engine: Any, processor: Wav2Vec2Processor, output_dir: str, frozen_fp32: dict[str, torch.Tensor]
+) -> str | None:
+    """Save OUTPUT/model: config, fp32 safetensors weights, feature extractor, tokenizer.
+
+    A collective: every rank must call this. Rank 0 writes into a temporary directory and
+    renames it into place, so a half-written export is never mistaken for a finished one.
+    """
+    state_dict = fp32_state_dict(engine, frozen_fp32)
     if dist.get_rank() != 0:
         dist.barrier()
         return None
@@ -32,11 +77,7 @@ def export_model(engine: Any, processor: Wav2Vec2Processor, output_dir: str) -> 
     dtype = model.config.dtype
     model.config.dtype = torch.float32
     try:
-        model.save_pretrained(
-            staging,
-            state_dict={name: tensor.float().cpu() for name, tensor in state_dict.items()},
-            safe_serialization=True,
-        )
+        model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
     finally:
         model.config.dtype = dtype
     processor.save_pretrained(staging)

@@ -23,6 +23,7 @@ import shutil  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import zlib  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import deepspeed  # noqa: E402
@@ -30,6 +31,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -41,10 +43,13 @@ from preprocess.shard_format import ShardDataset  # noqa: E402
 from train.ctc_collator import CTCCollator  # noqa: E402
 from train.duration_bucket_sampler import DurationBucketSampler  # noqa: E402
 from train.evaluation import evaluate, evaluation_batches  # noqa: E402
-from train.model_export import export_model  # noqa: E402
+from train.model_export import export_model, frozen_fp32_parameters  # noqa: E402
+from train.step_statistics import StepStatistics  # noqa: E402
+from train.sync_debug import SyncRecorder  # noqa: E402
 from train.wav2vec2_model import ModelSetupError, build_model, build_processor  # noqa: E402
 
 CHECKPOINT_DIR = "checkpoints"
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
 
 
 class TrainingSetupError(ValueError):
@@ -77,8 +82,12 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tra
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def init_distributed() -> None:
-    """Join the launcher's process group; a plain `python` run becomes a group of one."""
+def init_distributed(dataloader_num_workers: int) -> None:
+    """Join the launcher's process group; a plain `python` run becomes a group of one.
+
+    NCCL on GPUs, gloo on CPUs, as DeepSpeed's accelerator names them. Each GPU rank binds its
+    device before the first collective, so NCCL never puts two ranks on GPU 0.
+    """
     if "RANK" not in os.environ:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -86,11 +95,20 @@ def init_distributed() -> None:
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
         )
-    deepspeed.init_distributed()
-    if not torch.cuda.is_available():
-        # CPU ranks on one machine share its cores; oversubscribing them stalls every collective.
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    # Ranks on one host share its cores; oversubscribing them stalls every collective. The
+    # deepspeed launcher says how many ranks share this host in LOCAL_SIZE, torchrun in
+    # LOCAL_WORLD_SIZE. A GPU rank mostly launches kernels, and its DataLoader workers (one
+    # thread each) collate on the same cores, so they get their share of it.
+    local_ranks = int(
+        os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or dist.get_world_size()
+    )
+    share = (os.cpu_count() or 1) // local_ranks
+    if torch.cuda.is_available():
+        share -= dataloader_num_workers
+    torch.set_num_threads(max(1, share))
 
 
 def validate(data: DataArguments, training: TrainingArguments) -> None:
@@ -108,6 +126,14 @@ def validate(data: DataArguments, training: TrainingArguments) -> None:
             raise TrainingSetupError(f"--{name} must be positive, got {value}")
     if training.max_steps is not None and training.max_steps <= 0:
         raise TrainingSetupError(f"--max_steps must be positive, got {training.max_steps}")
+    has_checkpoint = os.path.isfile(os.path.join(training.output_dir, CHECKPOINT_DIR, "latest"))
+    if has_checkpoint and not (training.resume or training.export_only):
+        raise TrainingSetupError(
+            f"{training.output_dir} has checkpoints: pass --resume to continue from them, "
+            "or choose another --output_dir"
+        )
+    if (training.resume or training.export_only) and not has_checkpoint:
+        raise TrainingSetupError(f"no checkpoint to resume from in {training.output_dir}")
 
 
 def open_datasets(data: DataArguments) -> tuple[ShardDataset, ShardDataset | None]:
@@ -131,9 +157,17 @@ def open_datasets(data: DataArguments) -> tuple[ShardDataset, ShardDataset | Non
 
 
 def deepspeed_config(training: TrainingArguments, total_steps: int) -> dict[str, Any]:
-    """The chosen ds_configs file with this run's values filled in (the launcher's one truth)."""
+    """The chosen ds_configs file with this run's values filled in (the launcher's one truth).
+
+    A path that does not exist from the current directory is looked up among the shipped
+    configs by name, so `--deepspeed zero2_bf16.json` works from anywhere.
+    """
+    path = training.deepspeed
+    shipped = SHIPPED_CONFIGS / os.path.basename(path)
+    if not os.path.exists(path) and shipped.is_file():
+        path = str(shipped)
     try:
-        with open(training.deepspeed, encoding="utf-8") as file:
+        with open(path, encoding="utf-8") as file:
             config = json.load(file)
     except (OSError, json.JSONDecodeError) as error:
         message = f"cannot read DeepSpeed config {training.deepspeed}: {error}"
@@ -145,9 +179,21 @@ def deepspeed_config(training: TrainingArguments, total_steps: int) -> dict[str,
     config["gradient_clipping"] = training.max_grad_norm
     optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
     optimizer["params"].update(lr=training.learning_rate, weight_decay=training.weight_decay)
-    if not torch.cuda.is_available():
-        # DeepSpeed's fused Adam kernels need CUDA; on CPU use torch's AdamW.
-        optimizer["params"]["torch_adam"] = True
+    zero = config.setdefault("zero_optimization", {})
+    offloaded = zero.get("offload_optimizer", {}).get("device", "none") != "none"
+    if not torch.cuda.is_available() and not offloaded:
+        # Without torch_adam DeepSpeed builds its FusedAdam, which needs CUDA.
+        optimizer["params"].setdefault("torch_adam", True)
+    # A non-finite loss gives non-finite gradients; DeepSpeed's check of the global gradient
+    # norm then skips the whole step on every rank. That check is what makes the skip real.
+    if (
+        zero.get("compute_grad_norm") is False
+        or config.get("bf16", {}).get("check_grad_overflow") is False
+    ):
+        raise TrainingSetupError(
+            "zero_optimization.compute_grad_norm and bf16.check_grad_overflow must stay on: "
+            "they are how a step with a non-finite loss is skipped"
+        )
     config["scheduler"] = {
         "type": "WarmupDecayLR",
         "params": {
@@ -159,9 +205,9 @@ def deepspeed_config(training: TrainingArguments, total_steps: int) -> dict[str,
             "warmup_type": "linear",
         },
     }
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise TrainingSetupError(f"zero_optimization.stage must be 0 to 3, got {stage}")
+    stage = zero.get("stage", 0)
+    if stage not in (1, 2, 3):
+        raise TrainingSetupError(f"zero_optimization.stage must be 1, 2 or 3, got {stage}")
     return config
 
 
@@ -177,22 +223,26 @@ class ChecksummedCollator:
 
 
 def ctc_loss_sum(
-    model: Any, logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    input_frames: torch.Tensor,
+    target_lengths: torch.Tensor,
+    blank: int,
 ) -> torch.Tensor:
     """Summed CTC loss over the batch, in fp32 whatever the engine's dtype.
 
     Summed, not averaged, so the loop can divide by the step's target length over all ranks
-    and micro-batches: ranks holding batches of different sizes then weigh correctly.
+    and micro-batches: ranks holding batches of different sizes then weigh correctly. Targets
+    stay padded 2-D (no data-dependent masked_select) and the lengths are host tensors, which
+    ctc_loss wants on the host anyway, so nothing here waits for the device.
     """
     log_probs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)
-    input_lengths = model._get_feat_extract_output_lengths(attention_mask.sum(-1))
-    label_mask = labels >= 0
     return F.ctc_loss(
         log_probs,
-        labels.masked_select(label_mask),
-        input_lengths,
-        label_mask.sum(-1),
-        blank=model.config.pad_token_id,
+        labels.clamp(min=0),  # the -100 padding lies past each target length, never read
+        input_frames,
+        target_lengths,
+        blank=blank,
         reduction="sum",
         zero_infinity=True,
     )
@@ -211,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     model_args, data_args, training = parse_arguments(sys.argv[1:] if argv is None else argv)
     startup = StartupClock()
     validate(data_args, training)
-    init_distributed()
+    init_distributed(data_args.dataloader_num_workers)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
     startup.mark("distributed_init")
@@ -246,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     vocab_file = os.path.join(train_set.path, train_set.metadata["vocab"])
     processor = build_processor(model_args, vocab_file, train_set.sampling_rate)
     model = build_model(model_args, vocab, train_set.sampling_rate)
+    # Frozen weights have no fp32 master copy in DeepSpeed and are cast to bf16/fp16 with the
+    # module; the export takes them from here, at the precision they were loaded with.
+    frozen_fp32 = frozen_fp32_parameters(model)
     startup.mark("model_build")
 
     engine, _, _, _ = deepspeed.initialize(
@@ -260,27 +313,24 @@ def main(argv: list[str] | None = None) -> int:
         if engine.fp16_enabled()
         else torch.float32
     )
+    if input_dtype == torch.float32 and torch.cuda.is_available():
+        # TF32 tensor cores (Ampere and newer) for fp32 runs; no effect on older GPUs.
+        torch.set_float32_matmul_precision("high")
     startup.mark("deepspeed_initialize")
 
     checkpoint_dir = os.path.join(training.output_dir, CHECKPOINT_DIR)
-    step, epoch, nonfinite_skipped = 0, 0, 0
-    has_checkpoint = os.path.isfile(os.path.join(checkpoint_dir, "latest"))
-    if has_checkpoint and not (training.resume or training.export_only):
-        raise TrainingSetupError(
-            f"{training.output_dir} has checkpoints: pass --resume to continue from them, "
-            "or choose another --output_dir"
-        )
+    step, epoch, nonfinite_losses = 0, 0, 0
     if training.resume or training.export_only:
-        if not has_checkpoint:
-            raise TrainingSetupError(f"no checkpoint to resume from in {checkpoint_dir}")
         _, client_state = engine.load_checkpoint(checkpoint_dir)
         if client_state["vocab"] != vocab:
             raise TrainingSetupError("the checkpoint was trained on another vocabulary")
         sampler.load_state_dict(client_state["sampler"])
         step, epoch = client_state["step"], client_state["sampler"]["epoch"]
-        nonfinite_skipped = client_state["nonfinite_skipped"]
+        nonfinite_losses = client_state.get("nonfinite_losses", 0)
+    # Object collectives (evaluation transcripts) run on gloo whatever the device backend.
+    cpu_group = dist.new_group(backend="gloo")
     if training.export_only:
-        target = export_model(engine, processor, training.output_dir)
+        target = export_model(engine, processor, training.output_dir, frozen_fp32)
         if is_main:
             print(f"exported step {step} to {target}")
         return 0
@@ -288,12 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     feature_extractor = processor.feature_extractor
     use_attention_mask = feature_extractor.return_attention_mask
     collator = CTCCollator(vocab=vocab, do_normalize=feature_extractor.do_normalize)
+    blank_id = engine.module.config.pad_token_id
     loader = DataLoader(
         train_set,
         batch_sampler=sampler,
         collate_fn=ChecksummedCollator(collator),
         num_workers=data_args.dataloader_num_workers,
         persistent_workers=data_args.dataloader_num_workers > 0,
+        # Page-locked batches copy to the GPU asynchronously (non_blocking below).
+        pin_memory=torch.cuda.is_available(),
     )
     eval_plan = None
     if eval_set is not None:
@@ -332,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             processor.tokenizer,
             input_dtype,
             use_attention_mask,
+            cpu_group,
+            data_args.dataloader_num_workers,
         )
         log({"step": step, **result})
         if is_main:
@@ -340,9 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"({result['eval_utterances']} utterances) e.g. {result['eval_example']!r}"
             )
 
-    # Per logging interval, summed on this rank and all-reduced when logged:
-    # loss sum, target tokens, audio seconds, padded seconds, micro-batches, batch checksum.
-    interval = torch.zeros(6, dtype=torch.float64)
+    statistics = StepStatistics(engine.device)
+    sync_recorder = SyncRecorder.from_environment()
     interval_started = time.time()
     layerdrop = getattr(engine.module, "synced_layerdrop", None)
     engine.train()
@@ -361,37 +415,38 @@ def main(argv: list[str] | None = None) -> int:
             if step == 0 and consumed == 1:
                 startup.mark("first_batch")
 
-            input_values = batch["input_values"].to(engine.device, input_dtype)
-            attention_mask = batch["attention_mask"].to(engine.device)
-            labels = batch["labels"].to(engine.device)
-            if layerdrop is not None:
-                layerdrop.reseed(training.seed, step, micro_step)
-            logits = engine(
-                input_values, attention_mask=attention_mask if use_attention_mask else None
-            ).logits
-            loss_sum = ctc_loss_sum(engine.module, logits, labels, attention_mask)
-
-            # A non-finite loss on any rank is skipped on every rank (a one-sided skip would
-            # desynchronize the gradient reduction) and counted, never trained on.
-            finite = torch.isfinite(loss_sum.detach()).to(torch.int32).cpu()
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item():
+            with sync_recorder.watch():
+                # Copy, then cast on the device: a cast on the host would copy synchronously.
+                input_values = batch["input_values"].to(engine.device, non_blocking=True)
+                input_values = input_values.to(input_dtype)
+                attention_mask = batch["attention_mask"].to(engine.device, non_blocking=True)
+                labels = batch["labels"].to(engine.device, non_blocking=True)
+                input_frames = engine.module._get_feat_extract_output_lengths(
+                    batch["input_lengths"]
+                )
+                if layerdrop is not None:
+                    layerdrop.reseed(training.seed, step, micro_step)
+                logits = engine(
+                    input_values, attention_mask=attention_mask if use_attention_mask else None
+                ).logits
+                loss_sum = ctc_loss_sum(
+                    logits, labels, input_frames, batch["target_lengths"], blank_id
+                )
                 # DeepSpeed averages gradients over ranks; scaling by world_size makes the
-                # update the step's summed loss over its target tokens on all ranks.
+                # update the step's summed loss over its target tokens on all ranks. A
+                # non-finite loss is not special-cased here: its gradients are non-finite, and
+                # DeepSpeed's gradient-norm check at the step boundary then skips the whole
+                # step on every rank (weights and optimizer state untouched, counted in
+                # engine.skipped_steps), with no host sync per micro-step.
                 engine.backward(loss_sum * world_size / step_targets, scale_wrt_gas=False)
-                interval[0] += loss_sum.item()
-            else:
-                nonfinite_skipped += 1
-                engine.backward(logits.float().nan_to_num().sum() * 0.0, scale_wrt_gas=False)
-            engine.step()
-            lengths = batch["attention_mask"].sum(-1)
-            interval[1] += float(batch["target_lengths"].sum())
-            interval[2] += float(lengths.sum()) / train_set.sampling_rate
-            interval[3] += (
-                float(input_values.shape[0] * input_values.shape[1]) / train_set.sampling_rate
+                engine.step()
+                statistics.add_loss(loss_sum)
+            statistics.add_batch(
+                target_tokens=int(batch["target_lengths"].sum()),
+                audio_seconds=int(batch["input_lengths"].sum()) / train_set.sampling_rate,
+                padded_seconds=input_values.numel() / train_set.sampling_rate,
+                checksum=checksum,
             )
-            interval[4] += 1
-            interval[5] += checksum
             if (micro_step + 1) % training.gradient_accumulation_steps:
                 continue
 
@@ -402,36 +457,41 @@ def main(argv: list[str] | None = None) -> int:
                 if is_main:
                     with open(os.path.join(training.output_dir, "startup.json"), "w") as file:
                         json.dump({**startup.phases, "total": startup.total()}, file, indent=1)
-            if step % training.logging_steps == 0 or step == total_steps:
-                dist.all_reduce(interval)
+            is_save_step = step % training.save_steps == 0 or step == total_steps
+            # Checkpoint steps are always logged, so the counters they store are complete.
+            if step % training.logging_steps == 0 or is_save_step:
+                totals = statistics.reduce_and_reset()
                 elapsed = time.time() - interval_started
-                steps_in_interval = (
-                    interval[4].item() / world_size / training.gradient_accumulation_steps
-                )
-                log(
-                    {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": interval[0].item() / max(interval[1].item(), 1),
-                        "learning_rate": engine.get_lr()[0],
-                        "audio_seconds_per_second": interval[2].item() / elapsed,
-                        "padding_fraction": 1 - interval[2].item() / interval[3].item(),
-                        "step_time": elapsed / steps_in_interval,
-                        "nonfinite_skipped": nonfinite_skipped,
-                        "batch_checksum": int(interval[5].item()),
-                    }
-                )
-                progress.set_postfix(loss=f"{interval[0].item() / max(interval[1].item(), 1):.3f}")
-                interval.zero_()
+                nonfinite_losses += int(totals["nonfinite_losses"])
+                loss = totals["loss_sum"] / max(totals["target_tokens"], 1)
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss,
+                    "learning_rate": engine.get_lr()[0],
+                    "audio_seconds_per_second": totals["audio_seconds"] / elapsed,
+                    "padding_fraction": 1 - totals["audio_seconds"] / totals["padded_seconds"],
+                    "step_time": elapsed
+                    * world_size
+                    * training.gradient_accumulation_steps
+                    / totals["micro_batches"],
+                    "nonfinite_losses": nonfinite_losses,
+                    "skipped_steps": engine.skipped_steps,
+                    "batch_checksum": int(totals["batch_checksum"]),
+                }
+                if engine.fp16_enabled():
+                    record["loss_scale"] = engine.optimizer.loss_scale
+                log(record)
+                progress.set_postfix(loss=f"{loss:.3f}")
                 interval_started = time.time()
             if eval_plan is not None and step % training.eval_steps == 0:
                 run_evaluation()
-            if step % training.save_steps == 0 or step == total_steps:
+            if is_save_step:
                 client_state = {
                     "sampler": sampler.state_dict(consumed_in_pass=consumed),
                     "step": step,
                     "vocab": vocab,
-                    "nonfinite_skipped": nonfinite_skipped,
+                    "nonfinite_losses": nonfinite_losses,
                 }
                 engine.save_checkpoint(checkpoint_dir, tag=f"step{step}", client_state=client_state)
                 if is_main:
@@ -443,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if eval_plan is not None and step % training.eval_steps != 0:
         run_evaluation()
-    target = export_model(engine, processor, training.output_dir)
+    target = export_model(engine, processor, training.output_dir, frozen_fp32)
+    sync_recorder.write(os.path.join(training.output_dir, "sync_debug.json"), is_main)
     progress.close()
     if is_main:
         print(f"trained {step} steps; model exported to {target}")

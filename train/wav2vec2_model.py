@@ -23,6 +23,7 @@ from transformers import (
 
 from argument_classes import ModelArguments
 from preprocess.text_normalization import PAD_TOKEN, UNK_TOKEN, WORD_DELIMITER
+from train.spec_augment import install_device_spec_augment
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -97,6 +98,9 @@ def build_model(
         model.freeze_feature_encoder()
     if model_args.layerdrop > 0:
         SyncedLayerDrop.install(model, model_args.layerdrop)
+    # SpecAugment masks drawn on the device: transformers draws them on the host, which costs
+    # two host syncs per training forward.
+    install_device_spec_augment(model)
     return model
 
 

@@ -1,0 +1,78 @@
+"""StepStatistics: micro-steps stay on the device with no host sync; one collective, on it."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from train.step_statistics import StepStatistics
+
+
+class RecordingAllReduce:
+    """Stands in for dist.all_reduce and, like NCCL, rejects any tensor off `device`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.calls: list[torch.Tensor] = []
+
+    def __call__(self, tensor: torch.Tensor, *args, **kwargs) -> None:
+        if tensor.device != self.device:
+            raise RuntimeError(f"No backend type associated with device type {tensor.device.type}")
+        self.calls.append(tensor)
+
+
+def test_recording_collective_rejects_host_tensors() -> None:
+    # What the step loop used to all-reduce: a CPU tensor. Under NCCL that raises.
+    with pytest.raises(RuntimeError, match="device type cpu"):
+        RecordingAllReduce(torch.device("meta"))(torch.zeros(6, dtype=torch.float64))
+
+
+def test_micro_steps_never_touch_the_host_and_reduce_once_on_the_device(monkeypatch) -> None:
+    """On `meta` any host copy (.item(), .cpu(), .tolist()) raises, so this proves there is none."""
+    device = torch.device("meta")
+    recorder = RecordingAllReduce(device)
+    monkeypatch.setattr(dist, "all_reduce", recorder)
+    statistics = StepStatistics(device)
+    for _ in range(3):
+        statistics.add_loss(torch.empty((), device=device))
+        statistics.add_batch(target_tokens=7, audio_seconds=1.5, padded_seconds=2.0, checksum=9)
+    assert recorder.calls == []
+    values = statistics.all_reduce()
+    assert len(recorder.calls) == 1 and recorder.calls[0] is values
+    assert values.device == device and values.dtype == torch.float64
+    assert values.shape == (len(StepStatistics.HOST_FIELDS + StepStatistics.DEVICE_FIELDS),)
+
+
+@pytest.fixture
+def process_group_of_one():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_nonfinite_losses_are_counted_not_summed(process_group_of_one) -> None:
+    statistics = StepStatistics(torch.device("cpu"))
+    for loss in (2.0, math.nan, 3.0, math.inf):
+        statistics.add_loss(torch.tensor(loss, dtype=torch.float32))
+        statistics.add_batch(target_tokens=5, audio_seconds=1.0, padded_seconds=1.25, checksum=3)
+    totals = statistics.reduce_and_reset()
+    assert totals == {
+        "target_tokens": 20,
+        "audio_seconds": 4.0,
+        "padded_seconds": 5.0,
+        "micro_batches": 4,
+        "batch_checksum": 12,
+        "loss_sum": 5.0,
+        "nonfinite_losses": 2,
+    }
+    # A fresh interval afterwards.
+    assert statistics.reduce_and_reset()["micro_batches"] == 0

@@ -1,0 +1,80 @@
+"""Training statistics of one logging interval, summed without a host sync per micro-step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class StepStatistics:
+    """Sums over a logging interval on this rank, all-reduced once when the interval is logged.
+
+    What the device computes (the loss) stays on `device` and is added there, so a micro-step
+    never waits for the GPU. What the host already knows from the collator (token, audio and
+    batch counts) is added on the host. `all_reduce` moves the host part to the device and sums
+    everything across ranks in one collective on `device`, which is what NCCL requires.
+    """
+
+    device: torch.device
+    target_tokens: int = 0
+    audio_seconds: float = 0.0
+    padded_seconds: float = 0.0
+    micro_batches: int = 0
+    batch_checksum: int = 0
+    loss_sum: torch.Tensor = field(init=False)
+    nonfinite_losses: torch.Tensor = field(init=False)
+
+    HOST_FIELDS = ("target_tokens", "audio_seconds", "padded_seconds", "micro_batches")
+    HOST_FIELDS += ("batch_checksum",)
+    DEVICE_FIELDS = ("loss_sum", "nonfinite_losses")
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.target_tokens, self.micro_batches, self.batch_checksum = 0, 0, 0
+        self.audio_seconds, self.padded_seconds = 0.0, 0.0
+        # float64: a checksum sum or a long interval's loss must not round.
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.nonfinite_losses = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def add_loss(self, loss_sum: torch.Tensor) -> None:
+        """Adds a micro-batch's summed loss; a non-finite one is counted instead of summed."""
+        loss = loss_sum.detach().to(torch.float64)
+        finite = torch.isfinite(loss)
+        self.loss_sum += torch.where(finite, loss, torch.zeros_like(loss))
+        self.nonfinite_losses += (~finite).to(torch.float64)
+
+    def add_batch(
+        self, target_tokens: int, audio_seconds: float, padded_seconds: float, checksum: int
+    ) -> None:
+        """Adds what the collator knows about a micro-batch (host values, no device work)."""
+        self.target_tokens += target_tokens
+        self.audio_seconds += audio_seconds
+        self.padded_seconds += padded_seconds
+        self.micro_batches += 1
+        self.batch_checksum += checksum
+
+    def all_reduce(self) -> torch.Tensor:
+        """Every field summed over all ranks, as one float64 tensor on `device`, in field order.
+
+        A collective: every rank calls it at the same step. Leaves this object unchanged.
+        """
+        host = torch.tensor([float(getattr(self, name)) for name in self.HOST_FIELDS])
+        values = torch.cat(
+            [
+                host.to(self.device, torch.float64, non_blocking=True),
+                torch.stack([getattr(self, name) for name in self.DEVICE_FIELDS]),
+            ]
+        )
+        dist.all_reduce(values)
+        return values
+
+    def reduce_and_reset(self) -> dict[str, float]:
+        """The all-reduced fields by name (one host sync), then a fresh interval."""
+        values = self.all_reduce().tolist()
+        self.reset()
+        return dict(zip(self.HOST_FIELDS + self.DEVICE_FIELDS, values, strict=True))
