@@ -16,10 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import soundfile
 
 from benchmarks.benchmark_results import REPO_ROOT
-from preprocess.demo_corpus import SPLITS, generate_corpus
 
 ALL_SPLITS_MANIFEST = "all.tsv"
 
@@ -43,6 +41,9 @@ def make_corpus(parent: Path, hours: float, unique_hours: float | None, seed: in
     columns, so clips/ is found the same way). An existing corpus with the same parameters is
     reused.
     """
+    # Imported here: the GPU validation imports this module on a machine without audio codecs.
+    from preprocess.demo_corpus import SPLITS, generate_corpus
+
     unique = hours if unique_hours is None else min(unique_hours, hours)
     directory = parent / f"corpus-{hours:g}h-unique{unique:g}h-seed{seed}"
     manifest = directory / ALL_SPLITS_MANIFEST
@@ -66,6 +67,8 @@ def manifest_audio_files(manifest: Path) -> list[str]:
 
 def clip_num_samples(manifest: Path, sampling_rate: int = 16_000) -> np.ndarray:
     """Length of every clip at `sampling_rate`, from file headers (no decoding)."""
+    import soundfile
+
     lengths = []
     for path in manifest_audio_files(manifest):
         info = soundfile.info(path)

@@ -481,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 if engine.fp16_enabled():
                     record["loss_scale"] = engine.optimizer.loss_scale
+                if torch.cuda.is_available():  # the allocator's own count: no device sync
+                    record["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 log(record)
                 progress.set_postfix(loss=f"{loss:.3f}")
                 interval_started = time.time()
