@@ -100,8 +100,12 @@ class ModelArguments:
             "random weights, or a Wav2Vec2Config JSON file."
         }
     )
-    freeze_feature_encoder: bool = field(
-        default=True, metadata={"help": "Keep the convolutional feature encoder frozen."}
+    freeze_feature_encoder: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Keep the convolutional feature encoder frozen (default: frozen only when "
+            "pretrained weights were loaded; a random-init encoder has to learn)."
+        },
     )
     layerdrop: float = field(
         default=0.0,

@@ -94,7 +94,13 @@ def build_model(
         model = Wav2Vec2ForCTC.from_pretrained(
             model_args.model_name_or_path, ignore_mismatched_sizes=True, **overrides
         )
-    if model_args.freeze_feature_encoder:
+    pretrained = config_dict is None
+    freeze = (
+        pretrained
+        if model_args.freeze_feature_encoder is None
+        else model_args.freeze_feature_encoder
+    )
+    if freeze:
         model.freeze_feature_encoder()
     if model_args.layerdrop > 0:
         SyncedLayerDrop.install(model, model_args.layerdrop)
