@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from preprocess.text_normalization import DEFAULT_CHARS_TO_DROP
-
 
 @dataclass
 class ManifestArguments:
@@ -61,9 +59,19 @@ class PreprocessArguments:
         default=30.0, metadata={"help": "Longer utterances are rejected as too long."}
     )
     lowercase: bool = field(default=True, metadata={"help": "Lowercase transcripts."})
+    keep_apostrophes: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep an apostrophe between two letters (don't, l'homme; ’ and ʼ become "
+            "'); other punctuation and symbols of every script are always dropped."
+        },
+    )
     chars_to_drop: str = field(
-        default=DEFAULT_CHARS_TO_DROP,
-        metadata={"help": "Regex character class removed from transcripts (replaced by space)."},
+        default="",
+        metadata={
+            "help": "Regular expression, e.g. a character class, whose matches are also "
+            "replaced by a space in transcripts (default: none)."
+        },
     )
     max_shard_bytes: int = field(
         default=512 * 1024 * 1024, metadata={"help": "A shard file rolls over past this size."}
@@ -165,6 +173,13 @@ class TrainingArguments:
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (the last K)."})
     resume: bool = field(
         default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."}
+    )
+    trace_batches: bool = field(
+        default=False,
+        metadata={
+            "help": "Append each micro-batch's utterance ids to OUTPUT/batch_trace/rank{R}.jsonl "
+            "as {step, micro_step, epoch, ids}, on every rank and across resumes, to audit a run."
+        },
     )
     export_only: bool = field(
         default=False,

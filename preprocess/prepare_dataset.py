@@ -13,6 +13,7 @@ import math
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import asdict
 from typing import Any
 
@@ -25,10 +26,13 @@ from argument_classes import ManifestArguments, PreprocessArguments
 from preprocess import audio_decoding, shard_format, storage
 from preprocess.audio_decoding import RejectReason
 from preprocess.manifest import ManifestError, read_manifest
-from preprocess.text_normalization import TextNormalizer, build_vocab
+from preprocess.text_normalization import TextNormalizer, build_vocab, recorded_normalization
 
 TASKS_PER_CPU = 4
 MIN_ROWS_PER_TASK = 8
+# Ray reruns a task whose worker died (killed, out of memory, node lost) this many times. Ray
+# Data's default is without limit, which would loop forever on a file that crashes its decoder.
+TASK_MAX_RETRIES = 3
 
 
 class ArgumentError(ValueError):
@@ -87,11 +91,15 @@ def _validate(preprocess: PreprocessArguments) -> None:
 
 def _check_compatible(previous: dict[str, Any], options: dict[str, Any]) -> None:
     """Rows added to an existing dataset must be made the same way as the rows already in it."""
-    for key in ("sampling_rate", "lowercase", "chars_to_drop"):
-        if previous["options"][key] != options[key]:
+    recorded = {
+        "sampling_rate": previous["options"]["sampling_rate"],
+        **recorded_normalization(previous["options"]),
+    }
+    for key, value in recorded.items():
+        if value != options[key]:
             raise ArgumentError(
                 f"{key} is {options[key]!r} but the dataset in this output_dir was built with "
-                f"{previous['options'][key]!r}; use a new --output_dir"
+                f"{value!r}; use a new --output_dir"
             )
 
 
@@ -157,17 +165,25 @@ def _run_ray_pipeline(
         schema=shard_format.shard_schema(passthrough),
         max_shard_bytes=preprocess.max_shard_bytes,
     )
-    ray.data.from_arrow(slices).map_batches(
-        decode_batch,
-        batch_format="pyarrow",
-        batch_size=preprocess.decode_batch_size,
-        fn_kwargs={
-            "sampling_rate": preprocess.sampling_rate,
-            "min_seconds": preprocess.min_duration_seconds,
-            "max_seconds": preprocess.max_duration_seconds,
-            "passthrough": passthrough,
-        },
-    ).write_datasink(datasink)
+    # Equal remote args on both, so Ray still fuses decoding and writing into one task. Ray
+    # 2.60 deprecates remote args on map_batches for named parameters, but max_retries has none
+    # yet (hence ray<2.64 in setup.cfg); the warning is ours to act on, not the user's.
+    task_options = {"max_retries": TASK_MAX_RETRIES}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        decoded = ray.data.from_arrow(slices).map_batches(
+            decode_batch,
+            batch_format="pyarrow",
+            batch_size=preprocess.decode_batch_size,
+            fn_kwargs={
+                "sampling_rate": preprocess.sampling_rate,
+                "min_seconds": preprocess.min_duration_seconds,
+                "max_seconds": preprocess.max_duration_seconds,
+                "passthrough": passthrough,
+            },
+            **task_options,
+        )
+    decoded.write_datasink(datasink, ray_remote_args=task_options)
     return datasink.results
 
 
@@ -175,7 +191,9 @@ def prepare(manifest_args: ManifestArguments, preprocess: PreprocessArguments) -
     """Process the manifest's new rows into the dataset directory; returns the run summary."""
     started = time.perf_counter()
     _validate(preprocess)
-    normalizer = TextNormalizer(preprocess.lowercase, preprocess.chars_to_drop)
+    normalizer = TextNormalizer(
+        preprocess.lowercase, preprocess.keep_apostrophes, preprocess.chars_to_drop
+    )
     rows = read_manifest(
         manifest_args.manifest,
         normalizer,
@@ -186,7 +204,7 @@ def prepare(manifest_args: ManifestArguments, preprocess: PreprocessArguments) -
         passthrough_columns=manifest_args.passthrough_columns,
     )
     passthrough = [n for n in rows.column_names if n not in ("id", "audio_uri", "sentence", "text")]
-    options = {**asdict(manifest_args), **asdict(preprocess)}
+    options = {**asdict(manifest_args), **asdict(preprocess), **normalizer.options()}
     previous = shard_format.read_dataset_json(preprocess.output_dir)
     known_ids: set[str] = set()
     if previous:
