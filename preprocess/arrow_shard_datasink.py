@@ -3,10 +3,16 @@
 Ray fuses the decoding `map_batches` with this sink's write into one task, so decoded float32
 audio goes from the decoder straight into the task's own shard file and never through the object
 store; only shard names, length-index entries and rejects travel back to the driver.
+
+When Ray retries a task whose worker died, the new attempt writes under new shard names. The
+driver commits only the shards named in the results it received (one per task), so files of a
+killed attempt, half-written or complete but never reported, are never committed, and no row is
+committed twice; they stay in _staging/, which the commit deletes.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import asdict
 from typing import Any
 
@@ -34,7 +40,7 @@ class ArrowShardDatasink(Datasink[dict[str, Any]]):
     def write(self, blocks: Any, ctx: TaskContext) -> dict[str, Any]:
         writer = ShardWriter(
             self.staging_uri,
-            f"shard-{self.run_id}-{ctx.task_idx:05d}",
+            f"shard-{self.run_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:6]}",  # one per attempt
             self.schema,
             self.max_shard_bytes,
         )

@@ -13,7 +13,8 @@ Writer and reader live side by side here so the format has exactly one home.
 
 Nothing is part of the dataset until dataset.json names it, and dataset.json is replaced
 atomically as the last step of a run, so a killed run leaves at most unreferenced files, which
-the next run removes.
+the next run removes. dataset.json records each shard's size and sha256: opening a dataset checks
+sizes and Arrow footers (O(shards), no audio read); preprocess/verify_dataset.py checks the rest.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ DATASET_JSON = "dataset.json"
 VOCAB_JSON = "vocab.json"
 SHARD_DIR = "shards"
 STAGING_DIR = "_staging"
+
+# An Arrow IPC file starts with the magic and ends with its footer, the footer's length as a
+# little-endian int32, and the magic again.
+ARROW_MAGIC = b"ARROW1"
+HEADER_BYTES = 8  # the magic padded to 8 bytes
+TRAILER_BYTES = 4 + len(ARROW_MAGIC)
 
 AUDIO_TYPE = pa.large_list(pa.float32())
 LENGTH_INDEX_SCHEMA = pa.schema(
@@ -284,6 +291,36 @@ def commit_run(
     return metadata
 
 
+class ShardIntegrityError(ValueError):
+    """A shard dataset.json lists is missing or damaged; one line naming the shard."""
+
+
+def shard_problem(filesystem: pafs.FileSystem, path: str, shard: dict[str, Any]) -> str | None:
+    """What is wrong with a listed shard, judged from its size and Arrow magic and footer alone.
+
+    Reads 16 bytes of the file whatever its size, so checking every shard on open stays cheap.
+    Datasets written before sizes were recorded have no "bytes"; their footers are still checked.
+    """
+    info = filesystem.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        return "missing: dataset.json lists it but the file is not there"
+    expected = shard.get("bytes")
+    if expected is not None and info.size != expected:
+        kind = "truncated" if info.size < expected else "wrong size"
+        return f"{kind}: expected {expected} bytes, found {info.size}"
+    if info.size < HEADER_BYTES + TRAILER_BYTES:
+        return f"not an Arrow file: {info.size} bytes"
+    with filesystem.open_input_file(path) as file:
+        head = file.read_at(len(ARROW_MAGIC), 0)
+        trailer = file.read_at(TRAILER_BYTES, info.size - TRAILER_BYTES)
+    footer_bytes = int.from_bytes(trailer[:4], "little", signed=True)
+    if head != ARROW_MAGIC or trailer[4:] != ARROW_MAGIC:
+        return "not an Arrow file: no ARROW1 magic at both ends"
+    if not 0 < footer_bytes <= info.size - HEADER_BYTES - TRAILER_BYTES:
+        return f"not an Arrow file: footer length {footer_bytes} in a {info.size}-byte file"
+    return None
+
+
 def remove_unreferenced(output_dir: str, metadata: dict[str, Any] | None) -> list[str]:
     """Delete leftovers of killed runs: staged shards and files dataset.json does not name."""
     filesystem, root = storage.resolve(output_dir)
@@ -310,7 +347,9 @@ def remove_unreferenced(output_dir: str, metadata: dict[str, Any] | None) -> lis
 class ShardDataset:
     """Random access to a dataset directory through memory maps.
 
-    Opening reads dataset.json, vocab.json and the small length index, never audio; shard files
+    Opening reads dataset.json, vocab.json and the small length index, never audio, and checks
+    every listed shard's size and footer, so a missing or truncated shard stops training before
+    it starts (ShardIntegrityError) rather than in a DataLoader worker hours later. Shard files
     are mapped on first access, so DataLoader workers each map what they read. `ds[i]["audio"]`
     is a read-only float32 view into the mapped file.
     """
@@ -326,6 +365,12 @@ class ShardDataset:
         if metadata is None:
             raise FileNotFoundError(f"no {DATASET_JSON} in {self.path}: not a prepared dataset")
         self.metadata = metadata
+        filesystem = pafs.LocalFileSystem()
+        for shard in metadata["shards"]:
+            path = os.path.join(self.path, shard["name"])
+            problem = shard_problem(filesystem, path, shard)
+            if problem is not None:
+                raise ShardIntegrityError(f"shard {path}: {problem}")
         self.sampling_rate: int = metadata["sampling_rate"]
         with open(os.path.join(self.path, metadata["vocab"]), encoding="utf-8") as file:
             self.vocab: dict[str, int] = json.load(file)
