@@ -63,14 +63,17 @@ def test_nonfinite_losses_are_counted_not_summed(process_group_of_one) -> None:
     statistics = StepStatistics(torch.device("cpu"))
     for loss in (2.0, math.nan, 3.0, math.inf):
         statistics.add_loss(torch.tensor(loss, dtype=torch.float32))
-        statistics.add_batch(target_tokens=5, audio_seconds=1.0, padded_seconds=1.25, checksum=3)
+        # crc32 checksums are up to 2**32: their sum must not round (float32 would).
+        statistics.add_batch(
+            target_tokens=5, audio_seconds=1.0, padded_seconds=1.25, checksum=2**32 - 3
+        )
     totals = statistics.reduce_and_reset()
     assert totals == {
         "target_tokens": 20,
         "audio_seconds": 4.0,
         "padded_seconds": 5.0,
         "micro_batches": 4,
-        "batch_checksum": 12,
+        "batch_checksum": 4 * (2**32 - 3),
         "loss_sum": 5.0,
         "nonfinite_losses": 2,
     }

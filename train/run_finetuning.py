@@ -16,7 +16,8 @@ import time
 
 STARTED = time.time()
 
-import json  # noqa: E402  (the clock above times the imports)
+import atexit  # noqa: E402  (the clock above times the imports)
+import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
@@ -40,6 +41,7 @@ from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
 from argument_classes import DataArguments, ModelArguments, TrainingArguments  # noqa: E402
 from preprocess.shard_format import ShardDataset  # noqa: E402
+from train import deepspeed_shm_buffers  # noqa: E402
 from train.ctc_collator import CTCCollator  # noqa: E402
 from train.duration_bucket_sampler import DurationBucketSampler  # noqa: E402
 from train.evaluation import evaluate, evaluation_batches  # noqa: E402
@@ -74,11 +76,17 @@ class StartupClock:
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Command-line options, or one JSON or YAML file of them.
+
+    The deepspeed launcher adds `--local_rank=N` in front of the script's own arguments; it is
+    set in the environment too (LOCAL_RANK), so a file of arguments may come with it.
+    """
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
+    own = [arg for arg in argv if not arg.startswith("--local_rank")]
+    if len(own) == 1 and own[0].endswith(".json"):
+        return parser.parse_json_file(own[0])
+    if len(own) == 1 and own[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(own[0])
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -97,7 +105,13 @@ def init_distributed(dataloader_num_workers: int) -> None:
         )
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if os.environ["LOCAL_RANK"] == "0":
+        deepspeed_shm_buffers.remove_stale_buffers()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    # Past this barrier every rank has mapped its peers' CPU all-reduce buffers, so each rank
+    # may unlink its own whenever it exits, normally or with an error.
+    dist.barrier()
+    atexit.register(deepspeed_shm_buffers.remove_own_buffer)
     # Ranks on one host share its cores; oversubscribing them stalls every collective. The
     # deepspeed launcher says how many ranks share this host in LOCAL_SIZE, torchrun in
     # LOCAL_WORLD_SIZE. A GPU rank mostly launches kernels, and its DataLoader workers (one
@@ -211,15 +225,14 @@ def deepspeed_config(training: TrainingArguments, total_steps: int) -> dict[str,
     return config
 
 
-class ChecksummedCollator:
-    """Collates and adds a checksum of the utterance ids, so logs show which data a step saw."""
+class IdentifiedCollator:
+    """Collates and keeps the utterance ids, so logs and traces show which data a step saw."""
 
     def __init__(self, collator: CTCCollator) -> None:
         self.collator = collator
 
-    def __call__(self, items: list[dict[str, Any]]) -> tuple[int, dict[str, torch.Tensor]]:
-        ids = "\n".join(item["id"] for item in items)
-        return zlib.crc32(ids.encode()), self.collator(items)
+    def __call__(self, items: list[dict[str, Any]]) -> tuple[list[str], dict[str, torch.Tensor]]:
+        return [item["id"] for item in items], self.collator(items)
 
 
 def ctc_loss_sum(
@@ -342,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     loader = DataLoader(
         train_set,
         batch_sampler=sampler,
-        collate_fn=ChecksummedCollator(collator),
+        collate_fn=IdentifiedCollator(collator),
         num_workers=data_args.dataloader_num_workers,
         persistent_workers=data_args.dataloader_num_workers > 0,
         # Page-locked batches copy to the GPU asynchronously (non_blocking below).
@@ -396,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     statistics = StepStatistics(engine.device)
+    batch_trace = None
+    if training.trace_batches:
+        trace_dir = os.path.join(training.output_dir, "batch_trace")
+        os.makedirs(trace_dir, exist_ok=True)
+        batch_trace = open(os.path.join(trace_dir, f"rank{rank}.jsonl"), "a", buffering=1)
     sync_recorder = SyncRecorder.from_environment()
     interval_started = time.time()
     layerdrop = getattr(engine.module, "synced_layerdrop", None)
@@ -408,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             sum(int(train_set.text_lengths[batch].sum()) for batch in row) for row in plan
         ]
         first_micro_step = sampler.state_dict(consumed_in_pass=0)["consumed_micro_steps"]
-        for consumed, (checksum, batch) in enumerate(loader, start=1):
+        for consumed, (ids, batch) in enumerate(loader, start=1):
             micro_step = first_micro_step + consumed - 1
             window = micro_step - micro_step % training.gradient_accumulation_steps
             step_targets = sum(plan_targets[window : window + training.gradient_accumulation_steps])
@@ -445,8 +463,11 @@ def main(argv: list[str] | None = None) -> int:
                 target_tokens=int(batch["target_lengths"].sum()),
                 audio_seconds=int(batch["input_lengths"].sum()) / train_set.sampling_rate,
                 padded_seconds=input_values.numel() / train_set.sampling_rate,
-                checksum=checksum,
+                checksum=zlib.crc32("\n".join(ids).encode()),
             )
+            if batch_trace is not None:
+                trace = {"step": step + 1, "micro_step": micro_step, "epoch": epoch, "ids": ids}
+                batch_trace.write(json.dumps(trace) + "\n")
             if (micro_step + 1) % training.gradient_accumulation_steps:
                 continue
 
@@ -477,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                     / totals["micro_batches"],
                     "nonfinite_losses": nonfinite_losses,
                     "skipped_steps": engine.skipped_steps,
+                    "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                     "batch_checksum": int(totals["batch_checksum"]),
                 }
                 if engine.fp16_enabled():

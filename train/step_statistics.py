@@ -63,10 +63,10 @@ class StepStatistics:
 
         A collective: every rank calls it at the same step. Leaves this object unchanged.
         """
-        host = torch.tensor([float(getattr(self, name)) for name in self.HOST_FIELDS])
+        host = [float(getattr(self, name)) for name in self.HOST_FIELDS]
         values = torch.cat(
             [
-                host.to(self.device, torch.float64, non_blocking=True),
+                torch.tensor(host, dtype=torch.float64).to(self.device, non_blocking=True),
                 torch.stack([getattr(self, name) for name in self.DEVICE_FIELDS]),
             ]
         )
