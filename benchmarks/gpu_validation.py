@@ -66,7 +66,6 @@ import threading
 import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator, Sequence
-from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -87,7 +86,7 @@ from benchmarks.benchmark_results import (
     save_figure,
     write_results,
 )
-from benchmarks.hf_trainer_baseline import CTCPaddingCollator, PhaseClock
+from benchmarks.hf_trainer_baseline import CTCPaddingCollator, PhaseClock, length_grouping
 from benchmarks.training_throughput import (
     OFFLINE,
     device_description,
@@ -398,13 +397,7 @@ def run_hf_trainer_job(job_file: Path) -> int:
     model = build_model(model_args, shards.vocab, shards.sampling_rate)
     clock.mark("model_build")
 
-    # transformers < 5 calls it group_by_length=True; 5.x train_sampling_strategy.
-    names = {field.name for field in fields(TrainingArguments)}
-    grouping = (
-        {"group_by_length": True}
-        if "group_by_length" in names
-        else {"train_sampling_strategy": "group_by_length"}
-    )
+    grouping = length_grouping(TrainingArguments)
     workers = job["dataloader_num_workers"]
     training_args = TrainingArguments(
         output_dir=job["output_dir"],

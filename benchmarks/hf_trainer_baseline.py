@@ -35,6 +35,17 @@ SAMPLING_RATE = 16_000
 MIN_SECONDS, MAX_SECONDS = 0.5, 30.0
 
 
+def length_grouping(training_arguments: type) -> dict[str, Any]:
+    """The TrainingArguments option for length-grouped batches, under either spelling.
+
+    transformers < 5 calls it group_by_length=True; 5.x train_sampling_strategy.
+    """
+    names = {field.name for field in fields(training_arguments)}
+    if "group_by_length" in names:
+        return {"group_by_length": True}
+    return {"train_sampling_strategy": "group_by_length"}
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.hf_trainer_baseline", description=__doc__.split("\n\n")[0]
@@ -182,13 +193,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     clock.mark("map_decode_resample_features")
 
-    # transformers < 5 calls it group_by_length=True; 5.x train_sampling_strategy.
-    names = {field.name for field in fields(TrainingArguments)}
-    grouping = (
-        {"group_by_length": True}
-        if "group_by_length" in names
-        else {"train_sampling_strategy": "group_by_length"}
-    )
+    grouping = length_grouping(TrainingArguments)
     training_args = TrainingArguments(
         output_dir=str(args.output_dir),
         per_device_train_batch_size=args.per_device_train_batch_size,

@@ -87,6 +87,13 @@ def train_steps(output_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in records(output_dir) if "loss" in r}
 
 
+def rank_weight_digests(output_dir: Path) -> list[str]:
+    """Each rank's sha256 of its own module weights, logged once at the end of a run."""
+    key = "weights_sha256_by_rank"
+    (digests,) = [record[key] for record in records(output_dir) if key in record]
+    return digests
+
+
 def batch_trace(output_dir: Path, rank: int) -> list[dict]:
     lines = (output_dir / "batch_trace" / f"rank{rank}.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
@@ -120,6 +127,8 @@ def test_zero2_two_ranks_with_layerdrop_logs_evaluates_and_exports(zero2_run):
     assert all(startup[p] > 0 for p in phases)
     assert startup["total"] == pytest.approx(sum(startup[p] for p in phases))
     assert any(p.name.startswith("events") for p in (zero2_run / "tensorboard").iterdir())
+    digests = rank_weight_digests(zero2_run)
+    assert len(digests) == 2 and len(set(digests)) == 1  # ranks agree on the weights
     checkpoints = sorted(p.name for p in (zero2_run / "checkpoints").iterdir() if p.is_dir())
     assert checkpoints == ["step2", "step4"]
 
@@ -234,6 +243,9 @@ def test_two_nodes_on_loopback(prepared, tmp_path):
     assert [t["step"] for t in traces[0]] == [t["step"] for t in traces[1]] == [1, 2]
     for mine, theirs in zip(*traces, strict=True):
         assert mine["ids"] and not set(mine["ids"]) & set(theirs["ids"])
+    # ...and ended with the same weights.
+    digests = rank_weight_digests(tmp_path / "run")
+    assert len(digests) == 2 and digests[0] == digests[1]
 
 
 @pytest.mark.parametrize(
@@ -286,6 +298,21 @@ def test_vocabulary_mismatch_with_model_head_is_refused(zero2_run, prepared, tmp
     assert "another vocabulary" in result.stderr
 
 
+def trainer_sampler(train_set):
+    """The sampler the trainer builds for training_args' runs on 2 ranks: its plan, known here."""
+    from argument_classes import DataArguments, TrainingArguments
+    from train.duration_bucket_sampler import DurationBucketSampler
+
+    return DurationBucketSampler(
+        num_samples=train_set.num_samples,
+        sampling_rate=train_set.sampling_rate,
+        max_batch_seconds=12,
+        world_size=2,
+        num_buckets=DataArguments.num_buckets,
+        seed=TrainingArguments.seed,
+    )
+
+
 def poison_with_nan(dataset_dir: Path, index: int) -> None:
     """Overwrites utterance `index`'s samples with NaN in place, as a corrupted recording would.
 
@@ -321,21 +348,12 @@ def test_nonfinite_loss_skips_the_whole_step_on_every_rank(prepared, tmp_path, c
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from argument_classes import DataArguments, TrainingArguments
     from preprocess.shard_format import ShardDataset
-    from train.duration_bucket_sampler import DurationBucketSampler
 
     train_dir = tmp_path / "train-with-nan"
     shutil.copytree(prepared["train"], train_dir)
     train_set = ShardDataset(str(train_dir))
-    sampler = DurationBucketSampler(
-        num_samples=train_set.num_samples,
-        sampling_rate=train_set.sampling_rate,
-        max_batch_seconds=12,
-        world_size=2,
-        num_buckets=DataArguments.num_buckets,
-        seed=TrainingArguments.seed,
-    )
+    sampler = trainer_sampler(train_set)
     # Poison an utterance rank 1 trains on in step 3 (steps 1 and 2 run at a learning rate of
     # 0 during the warmup, so only later steps can show that a skip kept the weights).
     poisoned = int(sampler.plan_epoch(0)[2][1][0])
@@ -488,19 +506,10 @@ def test_gradient_accumulation_equals_the_doubled_batch(prepared, tmp_path):
 
 
 def test_two_epochs_on_zero1_from_a_json_file_see_each_utterance_once_per_epoch(prepared, tmp_path):
-    from argument_classes import DataArguments, TrainingArguments
     from preprocess.shard_format import ShardDataset
-    from train.duration_bucket_sampler import DurationBucketSampler
 
     train_set = ShardDataset(str(prepared["train"]))
-    sampler = DurationBucketSampler(
-        num_samples=train_set.num_samples,
-        sampling_rate=train_set.sampling_rate,
-        max_batch_seconds=12,
-        world_size=2,
-        num_buckets=DataArguments.num_buckets,
-        seed=TrainingArguments.seed,
-    )
+    sampler = trainer_sampler(train_set)
     steps_per_epoch = len(sampler.plan_epoch(0))
     options = training_options(
         prepared, tmp_path, "zero1_fp32.json", max_steps=2 * steps_per_epoch, trace_batches=True

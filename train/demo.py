@@ -1,6 +1,6 @@
 """The whole pipeline on generated German speech, with nothing to download.
 
-    python -m train.demo                      # 0.3 h corpus, about 5 minutes on 2 CPU cores
+    python -m train.demo                      # 0.3 h corpus, about 10 minutes on 2 CPU cores
     python -m train.demo --hours 0.03 --max_steps 10     # smoke test
 
 Generates a Common Voice-layout corpus with espeak-ng, preprocesses it with a local Ray

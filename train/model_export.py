@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 from typing import Any
@@ -56,6 +57,24 @@ def fp32_state_dict(engine: Any, frozen_fp32: dict[str, torch.Tensor]) -> dict[s
     if missing:  # wav2vec2 has no buffers; a model that has some needs them exported too
         raise RuntimeError(f"export covers parameters only; missing {sorted(missing)[:3]}")
     return state_dict
+
+
+def module_digests(engine: Any, cpu_group: Any) -> list[str]:
+    """sha256 of every rank's own copy of the module weights, gathered (a collective).
+
+    Under ZeRO-1/2 each rank keeps a whole copy of the module, refreshed from the partitions
+    after every step; a rank that drifted would go on training and export nothing wrong that
+    anyone could see. Under ZeRO-3 the module is partitioned and the gathered masters are the
+    only whole copy, so there is nothing to compare: an empty list.
+    """
+    if engine.zero_optimization_partition_weights():
+        return []
+    digest = hashlib.sha256()
+    for param in engine.module.parameters():
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, digest.hexdigest(), group=cpu_group)
+    return gathered
 
 
 def export_model(

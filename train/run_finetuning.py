@@ -45,7 +45,11 @@ from train import deepspeed_shm_buffers  # noqa: E402
 from train.ctc_collator import CTCCollator  # noqa: E402
 from train.duration_bucket_sampler import DurationBucketSampler  # noqa: E402
 from train.evaluation import evaluate, evaluation_batches  # noqa: E402
-from train.model_export import export_model, frozen_fp32_parameters  # noqa: E402
+from train.model_export import (  # noqa: E402
+    export_model,
+    frozen_fp32_parameters,
+    module_digests,
+)
 from train.step_statistics import StepStatistics  # noqa: E402
 from train.sync_debug import SyncRecorder  # noqa: E402
 from train.wav2vec2_model import ModelSetupError, build_model, build_processor  # noqa: E402
@@ -527,6 +531,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if eval_plan is not None and step % training.eval_steps != 0:
         run_evaluation()
+    digests = module_digests(engine, cpu_group)
+    log({"step": step, "weights_sha256_by_rank": digests})
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"ranks ended with different weights: {digests}")
     target = export_model(engine, processor, training.output_dir, frozen_fp32)
     sync_recorder.write(os.path.join(training.output_dir, "sync_debug.json"), is_main)
     progress.close()
