@@ -405,7 +405,7 @@ def test_bf16_export_holds_the_fp32_master_weights(prepared, tmp_path, config):
     train_set = ShardDataset(str(prepared["train"]))
     torch.manual_seed(TrainingArguments.seed)
     initial = build_model(
-        ModelArguments(model_name_or_path="tiny", mask_time_prob=0.0),
+        ModelArguments(model_name_or_path="tiny", mask_time_prob=0.0, freeze_feature_encoder=True),
         train_set.vocab,
         train_set.sampling_rate,
     )

@@ -50,6 +50,12 @@ from train.model_export import (  # noqa: E402
     frozen_fp32_parameters,
     module_digests,
 )
+from train.rng_state import (  # noqa: E402
+    load_rng_state,
+    restore_rng_state,
+    rng_state_file,
+    save_rng_state,
+)
 from train.step_statistics import StepStatistics  # noqa: E402
 from train.sync_debug import SyncRecorder  # noqa: E402
 from train.wav2vec2_model import ModelSetupError, build_model, build_processor  # noqa: E402
@@ -337,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
 
     checkpoint_dir = os.path.join(training.output_dir, CHECKPOINT_DIR)
     step, epoch, nonfinite_losses = 0, 0, 0
+    resumed_rng = None
     if training.resume or training.export_only:
         _, client_state = engine.load_checkpoint(checkpoint_dir)
         if client_state["vocab"] != vocab:
@@ -344,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler.load_state_dict(client_state["sampler"])
         step, epoch = client_state["step"], client_state["sampler"]["epoch"]
         nonfinite_losses = client_state.get("nonfinite_losses", 0)
+        resumed_rng = load_rng_state(rng_state_file(checkpoint_dir, f"step{step}", rank))
     # Object collectives (evaluation transcripts) run on gloo whatever the device backend.
     cpu_group = dist.new_group(backend="gloo")
     if training.export_only:
@@ -436,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
             step_targets = sum(plan_targets[window : window + training.gradient_accumulation_steps])
             if step == 0 and consumed == 1:
                 startup.mark("first_batch")
+            if resumed_rng is not None:
+                # Restored only now: starting the DataLoader's iterator above drew from the
+                # generator, which the uninterrupted run did not do at this point.
+                restore_rng_state(resumed_rng)
+                resumed_rng = None
 
             with sync_recorder.watch():
                 # Copy, then cast on the device: a cast on the host would copy synchronously.
@@ -521,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
                     "vocab": vocab,
                     "nonfinite_losses": nonfinite_losses,
                 }
+                save_rng_state(rng_state_file(checkpoint_dir, f"step{step}", rank))
                 engine.save_checkpoint(checkpoint_dir, tag=f"step{step}", client_state=client_state)
                 if is_main:
                     prune_checkpoints(checkpoint_dir, training.save_total_limit)

@@ -36,6 +36,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "conv_dim": (32, 64, 64, 64),
         "conv_kernel": (10, 4, 4, 4),
         "conv_stride": (5, 4, 4, 4),
+        # No dropout: a model this small underfits in a demo's few hundred steps.
+        "activation_dropout": 0.0,
+        "final_dropout": 0.0,
         "num_conv_pos_embeddings": 32,
         "num_conv_pos_embedding_groups": 4,
         "feat_extract_norm": "layer",
