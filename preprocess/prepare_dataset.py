@@ -65,6 +65,7 @@ def decode_batch(
         "id": rows.column("id"),
         "audio": shard_format.audio_array(waveforms),
         "num_samples": pa.array([len(w) for w in waveforms], pa.int64()),
+        **shard_format.audio_statistics(waveforms),
         "text": rows.column("text"),
         "sentence": rows.column("sentence"),
         **{name: rows.column(name) for name in passthrough},

@@ -6,8 +6,9 @@ Writer and reader live side by side here so the format has exactly one home.
     OUT/vocab.json                    characters of the transcripts, Wav2Vec2CTCTokenizer format
     OUT/shards/shard-<run>-<task>-<part>.arrow
                                       Arrow IPC files, uncompressed, so they memory-map
-    OUT/length_index.<run>.arrow      id, shard, row, num_samples, text_length: batch planning
-                                      without touching audio
+    OUT/length_index.<run>.arrow      id, shard, row, num_samples, text_length, audio_mean,
+                                      audio_std: batch planning and normalization without
+                                      touching audio
     OUT/rejects.<run>.jsonl           every input row that did not make it, with a reason
     OUT/_staging/<run>/               shards being written; never part of the dataset
 
@@ -34,7 +35,9 @@ import pyarrow.ipc as ipc
 
 from preprocess import storage
 
-FORMAT_VERSION = 1
+# 2: per-utterance audio_mean and audio_std (float64, over the resampled samples) in the shards
+# and the length index, so the loader normalizes in one pass without reading the audio twice.
+FORMAT_VERSION = 2
 DATASET_JSON = "dataset.json"
 VOCAB_JSON = "vocab.json"
 SHARD_DIR = "shards"
@@ -54,6 +57,8 @@ LENGTH_INDEX_SCHEMA = pa.schema(
         ("row", pa.int64()),
         ("num_samples", pa.int64()),
         ("text_length", pa.int32()),
+        ("audio_mean", pa.float64()),
+        ("audio_std", pa.float64()),
     ]
 )
 
@@ -64,6 +69,8 @@ def shard_schema(passthrough_columns: list[str]) -> pa.Schema:
         ("id", pa.string()),
         ("audio", AUDIO_TYPE),
         ("num_samples", pa.int64()),
+        ("audio_mean", pa.float64()),
+        ("audio_std", pa.float64()),
         ("text", pa.string()),
         ("sentence", pa.string()),
     ]
@@ -79,6 +86,16 @@ def audio_array(waveforms: list[np.ndarray]) -> pa.LargeListArray:
     return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32()))
 
 
+def audio_statistics(waveforms: list[np.ndarray]) -> dict[str, pa.Array]:
+    """Each utterance's float64 mean and standard deviation (0 for a rejected row's empty audio).
+
+    Computed once at preprocessing time, so the loader normalizes in one pass every epoch.
+    """
+    means = [float(w.mean(dtype=np.float64)) if w.size else 0.0 for w in waveforms]
+    stds = [float(w.std(dtype=np.float64)) if w.size else 0.0 for w in waveforms]
+    return {"audio_mean": pa.array(means, pa.float64()), "audio_std": pa.array(stds, pa.float64())}
+
+
 @dataclass
 class ShardInfo:
     """A finished shard file and its share of the length index."""
@@ -90,6 +107,8 @@ class ShardInfo:
     ids: list[str] = field(default_factory=list)
     num_samples: list[int] = field(default_factory=list)
     text_lengths: list[int] = field(default_factory=list)
+    audio_means: list[float] = field(default_factory=list)
+    audio_stds: list[float] = field(default_factory=list)
 
 
 class _HashingSink:
@@ -146,6 +165,8 @@ class ShardWriter:
         self._current.ids.extend(batch.column("id").to_pylist())
         self._current.num_samples.extend(batch.column("num_samples").to_pylist())
         self._current.text_lengths.extend(len(t) for t in batch.column("text").to_pylist())
+        self._current.audio_means.extend(batch.column("audio_mean").to_pylist())
+        self._current.audio_stds.extend(batch.column("audio_std").to_pylist())
         if self._sink is not None and self._sink.position >= self._max_bytes:
             self._close()
 
@@ -194,7 +215,7 @@ def read_dataset_json(output_dir: str) -> dict[str, Any] | None:
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{uri} has format version {metadata.get('format_version')}, this code reads "
-            f"{FORMAT_VERSION}"
+            f"{FORMAT_VERSION}: re-run python -m preprocess.prepare_dataset into a new output_dir"
         )
     return metadata
 
@@ -235,6 +256,8 @@ def commit_run(
             "row": [r for s in staged_shards for r in range(s.rows)],
             "num_samples": [n for s in staged_shards for n in s.num_samples],
             "text_length": [n for s in staged_shards for n in s.text_lengths],
+            "audio_mean": [m for s in staged_shards for m in s.audio_means],
+            "audio_std": [d for s in staged_shards for d in s.audio_stds],
         },
         schema=LENGTH_INDEX_SCHEMA,
     )
@@ -382,6 +405,8 @@ class ShardDataset:
         self._row_in_shard = self.length_index.column("row").to_numpy()
         self.num_samples: np.ndarray = self.length_index.column("num_samples").to_numpy()
         self.text_lengths: np.ndarray = self.length_index.column("text_length").to_numpy()
+        self.audio_mean: np.ndarray = self.length_index.column("audio_mean").to_numpy()
+        self.audio_std: np.ndarray = self.length_index.column("audio_std").to_numpy()
         self._open_shards: dict[int, _MappedShard] = {}
 
     def __len__(self) -> int:
@@ -397,7 +422,10 @@ class ShardDataset:
         if shard is None:
             shard = _MappedShard(os.path.join(self.path, self._shard_names[shard_code]))
             self._open_shards[shard_code] = shard
-        return shard.row(int(self._row_in_shard[index]))
+        item = shard.row(int(self._row_in_shard[index]))
+        item["audio_mean"] = float(self.audio_mean[index])
+        item["audio_std"] = float(self.audio_std[index])
+        return item
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for index in range(len(self)):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor
 
-from train.ctc_collator import CTCCollator, encode_transcript
+from train.ctc_collator import CTCCollator, attention_mask, encode_transcript
 
 VOCAB = {
     "[PAD]": 0,
@@ -44,7 +44,7 @@ def tokenizer(tmp_path: Path) -> Wav2Vec2CTCTokenizer:
 
 def test_padding_mask_and_labels(tokenizer: Wav2Vec2CTCTokenizer) -> None:
     items = make_items([700, 1_000, 300])
-    batch = CTCCollator(vocab=VOCAB, do_normalize=False)(items)
+    batch = CTCCollator(vocab=VOCAB, do_normalize=False, return_attention_mask=True)(items)
 
     assert batch["input_values"].dtype == torch.float32
     assert batch["input_values"].shape == (3, 1_000)
@@ -92,7 +92,7 @@ def test_pad_to_multiple_and_no_mask() -> None:
 
 def test_normalization_matches_feature_extractor() -> None:
     items = make_items([80_000, 16_000, 4_321, 50])
-    batch = CTCCollator(vocab=VOCAB, do_normalize=True)(items)
+    batch = CTCCollator(vocab=VOCAB, do_normalize=True, return_attention_mask=True)(items)
     extractor = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
     expected = extractor(
         [item["audio"] for item in items],
@@ -115,7 +115,7 @@ def test_labels_match_and_roundtrip_through_hf_tokenizer(
     tokenizer: Wav2Vec2CTCTokenizer,
 ) -> None:
     items = make_items([100, 100, 100])
-    batch = CTCCollator(vocab=VOCAB, do_normalize=False)(items)
+    batch = CTCCollator(vocab=VOCAB, do_normalize=False, return_attention_mask=True)(items)
     for row, item in enumerate(items):
         length = int(batch["target_lengths"][row])
         label_ids = batch["labels"][row, :length].tolist()
@@ -139,3 +139,34 @@ def test_vocab_without_delimiter_is_rejected() -> None:
     vocab = {k: v for k, v in VOCAB.items() if k != "|"}
     with pytest.raises(ValueError, match="'\\|'"):
         CTCCollator(vocab=vocab, do_normalize=False)
+
+
+def test_precomputed_statistics_are_used_and_match() -> None:
+    items = make_items([80_000, 16_000, 4_321])
+    computed = CTCCollator(vocab=VOCAB, do_normalize=True)(items)
+    with_stats = [
+        {**item, "audio_mean": item["audio"].mean(dtype=np.float64),
+         "audio_std": item["audio"].std(dtype=np.float64)}
+        for item in items
+    ]  # fmt: skip
+    np.testing.assert_allclose(
+        CTCCollator(vocab=VOCAB, do_normalize=True)(with_stats)["input_values"].numpy(),
+        computed["input_values"].numpy(),
+        rtol=0,
+        atol=1e-6,
+    )
+    # The statistics really come from the item: shifted ones shift the output.
+    shifted = [{**item, "audio_mean": item["audio_mean"] + 1.0} for item in with_stats]
+    assert not torch.allclose(
+        CTCCollator(vocab=VOCAB, do_normalize=True)(shifted)["input_values"][0, :100],
+        computed["input_values"][0, :100],
+    )
+
+
+def test_device_attention_mask_equals_collated_one() -> None:
+    items = make_items([700, 1_000, 300])
+    batch = CTCCollator(vocab=VOCAB, do_normalize=False, return_attention_mask=True)(items)
+    built = attention_mask(batch["input_lengths"], 1_000, torch.device("cpu"))
+    assert built.dtype == torch.int32
+    assert torch.equal(built, batch["attention_mask"])
+    assert batch["attention_mask"].sum().item() == 2_000

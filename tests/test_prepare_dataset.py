@@ -320,6 +320,12 @@ def test_reader_gives_zero_copy_views(ray_local, german_corpus, tmp_path):
     # Two reads view the same mapped bytes; a copying reader would hand out separate buffers.
     assert np.shares_memory(first, again)
     assert len(first) == dataset.num_samples[1]
+    # The normalization statistics were computed once, from the very samples stored.
+    for index in range(len(dataset)):
+        item = dataset[index]
+        assert item["audio_mean"] == pytest.approx(item["audio"].mean(dtype=np.float64), abs=1e-12)
+        assert item["audio_std"] == pytest.approx(item["audio"].std(dtype=np.float64), rel=1e-9)
+        assert item["audio_std"] > 0
 
 
 COLUMNS = ["--audio_column", "path", "--text_column", "sentence"]

@@ -193,3 +193,11 @@ def read_chars() -> int:
         if line.startswith("rchar:"):
             return int(line.split()[1])
     raise AssertionError("no rchar in /proc/self/io")
+
+
+def test_dataset_of_the_previous_format_stops_with_a_rerun_hint(dataset: Path):
+    metadata = read_metadata(dataset)
+    metadata["format_version"] = 1
+    write_metadata(dataset, metadata)
+    with pytest.raises(ValueError, match=r"format version 1.*re-run python -m preprocess"):
+        ShardDataset(str(dataset))

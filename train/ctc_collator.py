@@ -31,14 +31,18 @@ class CTCCollator:
 
     With ``do_normalize`` each utterance is scaled to zero mean and unit variance over
     its real samples only, as Wav2Vec2FeatureExtractor does given an attention mask, so
-    padding never shifts the statistics. Padding is zeros in ``input_values`` and -100
-    in ``labels``. ``input_lengths`` (samples) and ``target_lengths`` stay host tensors: the
-    CTC loss wants its lengths on the host, so they never travel to the device and back.
+    padding never shifts the statistics. Items from a ShardDataset carry ``audio_mean`` and
+    ``audio_std`` computed at preprocessing time; other items get them computed here.
+    Padding is zeros in ``input_values`` and -100 in ``labels``. ``input_lengths`` (samples)
+    and ``target_lengths`` stay host tensors: the CTC loss wants its lengths on the host, so
+    they never travel to the device and back.
     """
 
     vocab: dict[str, int]
     do_normalize: bool
-    return_attention_mask: bool = True
+    # Off by default: a (batch, samples) mask costs the host as much as the audio itself, and
+    # the training loop builds it on the device from input_lengths instead (attention_mask()).
+    return_attention_mask: bool = False
     pad_to_multiple_of: int | None = None
 
     def __post_init__(self) -> None:
@@ -56,19 +60,23 @@ class CTCCollator:
         if self.pad_to_multiple_of is not None:
             frames = -(-frames // self.pad_to_multiple_of) * self.pad_to_multiple_of
 
-        input_values = torch.zeros(len(items), frames, dtype=torch.float32)
+        input_values = torch.empty(len(items), frames, dtype=torch.float32)
         # A numpy view of the tensor lets numpy write each utterance straight into place.
         values = input_values.numpy()
-        for row, audio in enumerate(audios):
+        for row, (item, audio) in enumerate(zip(items, audios, strict=True)):
             target = values[row, : audio.shape[0]]
             if self.do_normalize:
-                # Statistics in float64 so long utterances lose no precision.
-                mean = float(audio.mean(dtype=np.float64))
-                scale = 1.0 / math.sqrt(float(audio.var(dtype=np.float64)) + 1e-7)
-                np.subtract(audio, mean, out=target)
-                target *= scale
+                mean, std = item.get("audio_mean"), item.get("audio_std")
+                if mean is None or std is None:
+                    # Statistics in float64 so long utterances lose no precision.
+                    mean, std = audio.mean(dtype=np.float64), audio.std(dtype=np.float64)
+                scale = 1.0 / math.sqrt(float(std) ** 2 + 1e-7)
+                # One pass over the samples, then a pass over data still in cache.
+                np.multiply(audio, scale, out=target)
+                target -= float(mean) * scale
             else:
                 target[:] = audio
+            values[row, audio.shape[0] :] = 0.0
 
         label_ids = [encode_transcript(item["text"], self.vocab) for item in items]
         target_lengths = torch.tensor([len(ids) for ids in label_ids], dtype=torch.int64)
@@ -84,8 +92,11 @@ class CTCCollator:
             "target_lengths": target_lengths,
         }
         if self.return_attention_mask:
-            # int32: half the bytes of int64 to copy to the device, and all the model needs.
-            batch["attention_mask"] = (torch.arange(frames) < input_lengths[:, None]).to(
-                torch.int32
-            )
+            batch["attention_mask"] = attention_mask(input_lengths, frames, torch.device("cpu"))
         return batch
+
+
+def attention_mask(input_lengths: torch.Tensor, frames: int, device: torch.device) -> torch.Tensor:
+    """The (batch, frames) int32 mask of real samples, built on ``device`` from the lengths."""
+    lengths = input_lengths.to(device, non_blocking=True)
+    return (torch.arange(frames, device=device) < lengths[:, None]).to(torch.int32)

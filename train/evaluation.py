@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from transformers import Wav2Vec2CTCTokenizer
 
 from preprocess.shard_format import ShardDataset
+from train.ctc_collator import attention_mask
 
 
 def evaluation_batches(
@@ -87,11 +88,12 @@ def evaluate(
     references: list[str] = []
     for position, (texts, batch) in enumerate(loader):
         input_values = batch["input_values"].to(engine.device, non_blocking=True)
-        attention_mask = batch["attention_mask"].to(engine.device, non_blocking=True)
-        logits = engine(
-            input_values.to(input_dtype),
-            attention_mask=attention_mask if use_attention_mask else None,
-        ).logits
+        mask = (
+            attention_mask(batch["input_lengths"], input_values.shape[1], engine.device)
+            if use_attention_mask
+            else None
+        )
+        logits = engine(input_values.to(input_dtype), attention_mask=mask).logits
         if position >= len(batches):
             continue
         predictions += list(logits.argmax(-1).to(torch.int32))

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 from torch import nn
-from transformers import Wav2Vec2Processor
+from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
 
 def frozen_fp32_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -104,3 +104,34 @@ def export_model(
     os.replace(staging, target)
     dist.barrier()
     return target
+
+
+def engine_logits(
+    engine: Any, batch: dict[str, torch.Tensor], input_dtype: torch.dtype
+) -> torch.Tensor:
+    """The engine's eval-mode fp32 logits for a host batch, on the host.
+
+    A collective under ZeRO-3 (the forward gathers partitioned weights): every rank calls this
+    with the same batch.
+    """
+    engine.eval()
+    with torch.no_grad():
+        values = batch["input_values"].to(engine.device).to(input_dtype)
+        mask = batch.get("attention_mask")
+        mask = None if mask is None else mask.to(engine.device)
+        return engine(values, attention_mask=mask).logits.float().cpu()
+
+
+def exported_logits_difference(
+    model_dir: str, batch: dict[str, torch.Tensor], reference_logits: torch.Tensor
+) -> float:
+    """Largest |logit| difference between reference logits and the model reloaded, in fp32.
+
+    Call with no ZeRO-3 HfDeepSpeedConfig alive: from_pretrained would build the model
+    partitioned, a collective the other ranks are not part of.
+    """
+    inputs = {key: batch[key] for key in ("input_values", "attention_mask") if key in batch}
+    exported = Wav2Vec2ForCTC.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = exported(**inputs).logits
+    return float((reference_logits - logits).abs().max())

@@ -34,19 +34,20 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
-from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
 from argument_classes import DataArguments, ModelArguments, TrainingArguments  # noqa: E402
 from preprocess.shard_format import ShardDataset  # noqa: E402
 from train import deepspeed_shm_buffers  # noqa: E402
-from train.ctc_collator import CTCCollator  # noqa: E402
+from train.ctc_collator import CTCCollator, attention_mask  # noqa: E402
+from train.deepspeed_startup import import_muon_without_compiling  # noqa: E402
 from train.duration_bucket_sampler import DurationBucketSampler  # noqa: E402
 from train.evaluation import evaluate, evaluation_batches  # noqa: E402
 from train.model_export import (  # noqa: E402
+    engine_logits,
     export_model,
+    exported_logits_difference,
     frozen_fp32_parameters,
     module_digests,
 )
@@ -311,9 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     # Model: under ZeRO-3, HfDeepSpeedConfig must be alive while the model is built, so its
     # weights are created partitioned and the weight-normed positional conv is gathered right.
     ds_config = deepspeed_config(training, total_steps)
-    hf_deepspeed_config = (
-        HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
-    )
+    hf_deepspeed_config = None
+    if ds_config["zero_optimization"]["stage"] == 3:
+        # Imported only here: it pulls in accelerate, which other stages never use.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
     torch.manual_seed(training.seed)
     vocab = train_set.vocab
     vocab_file = os.path.join(train_set.path, train_set.metadata["vocab"])
@@ -324,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     frozen_fp32 = frozen_fp32_parameters(model)
     startup.mark("model_build")
 
+    import_muon_without_compiling()
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -386,16 +391,19 @@ def main(argv: list[str] | None = None) -> int:
     metrics_file = (
         open(os.path.join(training.output_dir, "metrics.jsonl"), "a") if is_main else None
     )
-    tensorboard = (
-        SummaryWriter(os.path.join(training.output_dir, "tensorboard")) if is_main else None
-    )
+    tensorboard = None  # created at the first log: importing TensorBoard delays the first step
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="steps")
 
     def log(record: dict[str, Any]) -> None:
+        nonlocal tensorboard
         if not is_main:
             return
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
+        if tensorboard is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tensorboard = SummaryWriter(os.path.join(training.output_dir, "tensorboard"))
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "step":
                 tensorboard.add_scalar(key, value, record["step"])
@@ -454,16 +462,18 @@ def main(argv: list[str] | None = None) -> int:
                 # Copy, then cast on the device: a cast on the host would copy synchronously.
                 input_values = batch["input_values"].to(engine.device, non_blocking=True)
                 input_values = input_values.to(input_dtype)
-                attention_mask = batch["attention_mask"].to(engine.device, non_blocking=True)
+                mask = (
+                    attention_mask(batch["input_lengths"], input_values.shape[1], engine.device)
+                    if use_attention_mask
+                    else None
+                )
                 labels = batch["labels"].to(engine.device, non_blocking=True)
                 input_frames = engine.module._get_feat_extract_output_lengths(
                     batch["input_lengths"]
                 )
                 if layerdrop is not None:
                     layerdrop.reseed(training.seed, step, micro_step)
-                logits = engine(
-                    input_values, attention_mask=attention_mask if use_attention_mask else None
-                ).logits
+                logits = engine(input_values, attention_mask=mask).logits
                 loss_sum = ctc_loss_sum(
                     logits, labels, input_frames, batch["target_lengths"], blank_id
                 )
@@ -550,12 +560,29 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(digests)) > 1:
         raise RuntimeError(f"ranks ended with different weights: {digests}")
     target = export_model(engine, processor, training.output_dir, frozen_fp32)
+    # The export must compute what the engine computes: the engine's logits on the first
+    # training utterances (a collective under ZeRO-3), then the reloaded export's on rank 0.
+    probe = CTCCollator(
+        vocab=vocab,
+        do_normalize=feature_extractor.do_normalize,
+        return_attention_mask=use_attention_mask,
+    )([train_set[index] for index in range(min(2, len(train_set)))])
+    reference_logits = engine_logits(engine, probe, input_dtype)
     sync_recorder.write(os.path.join(training.output_dir, "sync_debug.json"), is_main)
     progress.close()
-    if is_main:
-        print(f"trained {step} steps; model exported to {target}")
-    # transformers holds HfDeepSpeedConfig by weak reference and asks it on every forward.
+    # transformers holds HfDeepSpeedConfig by weak reference and asks it on every forward,
+    # and would build the reloaded export partitioned while it lives.
     del hf_deepspeed_config
+    if is_main:
+        difference = exported_logits_difference(target, probe, reference_logits)
+        log(
+            {
+                "step": step,
+                "export_logits_max_abs_diff": difference,
+                "engine_dtype": str(input_dtype),
+            }
+        )
+        print(f"trained {step} steps; model exported to {target} (logits within {difference:.2g})")
     return 0
 
 
