@@ -134,6 +134,14 @@ class DataArguments:
     eval_dir: str | None = field(
         default=None, metadata={"help": "Dataset directory evaluated every --eval_steps."}
     )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Node-local directory for s3:// train_dir/eval_dir (required for them): one "
+            "rank per node downloads the shards there, each checked against dataset.json's "
+            "sha256, and later runs reuse what is already there."
+        },
+    )
     max_batch_seconds: float = field(
         default=200.0,
         metadata={"help": "Budget of padded audio seconds in one micro-batch on one rank."},

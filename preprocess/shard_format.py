@@ -207,16 +207,21 @@ class RunRecord:
     wall_seconds: float
 
 
-def read_dataset_json(output_dir: str) -> dict[str, Any] | None:
-    uri = storage.join(output_dir, DATASET_JSON)
-    if not storage.exists(uri):
-        return None
-    metadata = json.loads(storage.read_bytes(uri))
+def check_format_version(metadata: dict[str, Any], uri: str) -> None:
+    """Stops with one line when dataset.json was written by another format version."""
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{uri} has format version {metadata.get('format_version')}, this code reads "
             f"{FORMAT_VERSION}: re-run python -m preprocess.prepare_dataset into a new output_dir"
         )
+
+
+def read_dataset_json(output_dir: str) -> dict[str, Any] | None:
+    uri = storage.join(output_dir, DATASET_JSON)
+    if not storage.exists(uri):
+        return None
+    metadata = json.loads(storage.read_bytes(uri))
+    check_format_version(metadata, uri)
     return metadata
 
 
@@ -381,7 +386,7 @@ class ShardDataset:
         if storage.is_remote(path):
             raise ValueError(
                 f"{path}: training reads shards through memory maps, which need a local or "
-                "mounted filesystem; copy the dataset directory to local disk first"
+                "mounted filesystem; train with --cache_dir, or copy the dataset to local disk"
             )
         self.path = os.path.abspath(path)
         metadata = read_dataset_json(self.path)

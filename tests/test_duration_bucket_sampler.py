@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader, Dataset
 
-from train.duration_bucket_sampler import DurationBucketSampler
+from train.duration_bucket_sampler import DurationBucketSampler, EpochPlan
 
 SAMPLING_RATE = 16_000
 MAX_BATCH_SECONDS = 60.0
@@ -186,10 +186,22 @@ def test_state_dict_with_consumed_count_ignores_prefetched_batches() -> None:
         sampler.state_dict(consumed_in_pass=10)
 
 
-def test_load_rejects_other_layout() -> None:
-    state = make_sampler(world_size=2).state_dict()
-    with pytest.raises(ValueError, match="world_size"):
+def test_load_rejects_another_seed_data_set_or_position() -> None:
+    state = make_sampler(world_size=2, seed=1).state_dict()
+    with pytest.raises(ValueError, match="seed"):
         make_sampler(world_size=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="num_utterances"):
+        make_sampler(LENGTHS[:-1], world_size=3, seed=1).load_state_dict(state)
+    beyond = {**state, "consumed_micro_steps": len(make_sampler(world_size=2).plan_epoch(0)) + 1}
+    with pytest.raises(ValueError, match="consumed"):
+        make_sampler(world_size=3, seed=1).load_state_dict(beyond)
+
+
+def test_load_rejects_a_position_from_another_planner() -> None:
+    state = make_sampler().state_dict()
+    del state["planner"]  # as checkpoints written before the fitted bins
+    with pytest.raises(ValueError, match="planned by sampler version 1"):
+        make_sampler().load_state_dict(state)
 
 
 class _IndexDataset(Dataset):
@@ -223,10 +235,343 @@ def test_exact_resume_through_prefetching_dataloader() -> None:
     assert consumed + rest == expected
 
 
+# Elastic resume: a checkpoint from one layout finishes its epoch on another.
+
+# Batches a prefetching DataLoader takes from the sampler beyond what the loop consumed.
+PREFETCHED = 2
+
+
+def layout(world_size: int, accumulation: int = 1, **budget) -> dict:
+    """Sampler arguments for a world of ``world_size`` ranks."""
+    return {"world_size": world_size, "gradient_accumulation_steps": accumulation, **budget}
+
+
+def train_segment(
+    config: dict, epoch: int, steps: int | None, state: dict | None
+) -> tuple[list[int], dict, list[DurationBucketSampler]]:
+    """Trains ``steps`` micro-steps of ``epoch`` on every rank of ``config``, as the loop does.
+
+    Starts from ``state`` if given; ``steps`` None runs to the end of the epoch, a negative
+    count stops that many micro-steps before it. Returns the utterances all ranks trained,
+    the checkpoint state and the samplers.
+    """
+    samplers = [make_sampler(rank=rank, **config) for rank in range(config["world_size"])]
+    for sampler in samplers:
+        if state is not None:
+            sampler.load_state_dict(state)
+        sampler.set_epoch(epoch)  # the loop's call must keep the pending resume
+    first = samplers[0].state_dict(consumed_in_pass=0)["consumed_micro_steps"]
+    left = len(samplers[0]) - first
+    consumed = left if steps is None else steps if steps >= 0 else left + steps
+    yielded = [list(itertools.islice(s, consumed + PREFETCHED)) for s in samplers]
+    states = [s.state_dict(consumed_in_pass=consumed) for s in samplers]
+    # Every rank writes the same state: no rank needs another's to resume.
+    assert all(other == states[0] for other in states)
+    trained = [i for batches in yielded for batch in batches[:consumed] for i in batch]
+    return trained, states[0], samplers
+
+
+def skipped(plan: EpochPlan) -> set[int]:
+    """The plan's utterances in batches that no micro-step runs."""
+    kept = {int(i) for number in plan.grid.ravel() for i in plan.batch(number)}
+    return set(plan.order.tolist()) - kept
+
+
+def assert_trained_exactly_once(
+    trained: list[int], configs: list[dict], plans: list[EpochPlan]
+) -> None:
+    """No utterance twice; the untrained ones are exactly the plans' skipped remainders."""
+    assert len(trained) == len(set(trained))
+    remainders = set().union(*(skipped(plan) for plan in plans))
+    assert not remainders & set(trained)
+    assert set(range(len(LENGTHS))) - set(trained) == remainders
+    for config, plan in zip(configs, plans, strict=True):
+        step_size = config["world_size"] * config["gradient_accumulation_steps"]
+        assert 0 <= plan.bounds.size - 1 - plan.grid.size < step_size
+
+
+def train_epoch_in_segments(
+    epoch: int, segments: list[tuple[dict, int | None]]
+) -> tuple[list[int], dict, list[DurationBucketSampler]]:
+    """Trains ``epoch`` in segments, each resuming the last one's state on its own layout.
+
+    Checks the exactly-once contract over the segments, each plan's remainder allowed.
+    """
+    trained: list[int] = []
+    plans = []
+    state = None
+    for config, steps in segments:
+        ids, state, samplers = train_segment(config, epoch, steps, state)
+        trained += ids
+        plans.append(samplers[0].plan_epoch(epoch))
+    assert_trained_exactly_once(trained, [config for config, _ in segments], plans)
+    return trained, state, samplers
+
+
+@pytest.mark.parametrize(
+    "segments",
+    [
+        pytest.param([(layout(2), 30), (layout(1), None)], id="2->1"),
+        pytest.param([(layout(1), 50), (layout(2), None)], id="1->2"),
+        pytest.param([(layout(2, 2), 20), (layout(3, 1), None)], id="2x2->3x1"),
+        pytest.param([(layout(2), 0), (layout(3, 2), None)], id="2->3x2-at-step-0"),
+        pytest.param([(layout(2, 2), -2), (layout(3), None)], id="2x2->3-at-last-step"),
+        pytest.param([(layout(2), None), (layout(1), None)], id="2->1-after-last-step"),
+        pytest.param([(layout(2), 30), (layout(1), 40), (layout(3, 2), None)], id="2->1->3x2"),
+        pytest.param(
+            [(layout(2), 30), (layout(1), 20), (layout(1), 20), (layout(3), None)],
+            id="2->1->1->3",
+        ),
+        pytest.param([(layout(2), 30), (layout(1), 40), (layout(2), None)], id="2->1->2"),
+        pytest.param(
+            [(layout(2, max_batch_seconds=60.0), 20), (layout(2, max_batch_seconds=30.0), None)],
+            id="budget-60s->30s",
+        ),
+    ],
+)
+def test_elastic_resume_trains_each_kept_utterance_once(segments) -> None:
+    trained, state, samplers = train_epoch_in_segments(1, segments)
+    assert trained
+    # The state lists one earlier segment per change of layout, oldest first.
+    configs = [config for config, _ in segments]
+    changed = [before for before, after in itertools.pairwise(configs) if before != after]
+    assert len(state["replanned_from"]) == len(changed)
+    for segment, config in zip(state["replanned_from"], changed, strict=True):
+        assert {key: segment[key] for key in config} == config
+    assert state["consumed_micro_steps"] == len(samplers[0])
+
+
+def test_elastic_resume_gives_the_loop_a_consistent_epoch() -> None:
+    old, new = layout(2, 2), layout(3, 2)
+    _, state, _ = train_segment(old, 1, 20, None)
+    samplers = [make_sampler(rank=rank, **new) for rank in range(3)]
+    for sampler in samplers:
+        sampler.load_state_dict(state)
+        sampler.set_epoch(1)
+    plan = samplers[0].plan_epoch(1)
+    # The re-plan holds what the old plan had not run, and restarts the position at 0.
+    remaining = make_sampler(**old).plan_epoch(1).untrained(20)
+    assert np.array_equal(np.sort(plan.order), np.sort(remaining))
+    assert samplers[0].state_dict(consumed_in_pass=0)["consumed_micro_steps"] == 0
+    assert len(plan) % 2 == 0 and len(plan) > 0
+    assert all(len(sampler) == len(plan) for sampler in samplers)
+    for rank, sampler in enumerate(samplers):
+        assert list(sampler) == [row[rank].tolist() for row in plan]
+    text_lengths = np.random.default_rng(3).integers(1, 200, len(LENGTHS))
+    assert samplers[1].micro_step_totals(text_lengths, 1).tolist() == [
+        sum(int(text_lengths[batch].sum()) for batch in row) for row in plan
+    ]
+    assert 0 <= samplers[2].padding_fraction(1) < 0.1
+    assert samplers[0].state_dict()["replanned_from"] == [
+        {
+            **old,
+            "max_batch_seconds": MAX_BATCH_SECONDS,
+            "num_buckets": 30,
+            "max_batch_size": None,
+            "consumed_micro_steps": 20,
+        }
+    ]
+
+
+def test_resume_inside_a_replanned_epoch_on_its_layout_is_exact() -> None:
+    _, state, _ = train_segment(layout(2), 0, 30, None)
+    reference = make_sampler(world_size=1)
+    reference.load_state_dict(state)
+    expected = list(reference)
+
+    sampler = make_sampler(world_size=1)
+    sampler.load_state_dict(state)
+    taken = list(itertools.islice(sampler, 25))
+    again = make_sampler(world_size=1)
+    again.load_state_dict(sampler.state_dict())
+    assert again.state_dict(consumed_in_pass=0)["consumed_micro_steps"] == 25
+    assert taken + list(again) == expected
+
+
+def test_the_epoch_after_an_elastic_resume_is_planned_afresh() -> None:
+    new = layout(3, 2)
+    _, _, samplers = train_epoch_in_segments(1, [(layout(2), 30), (new, None)])
+    for rank, sampler in enumerate(samplers):
+        fresh = make_sampler(rank=rank, **new)
+        for each in (sampler, fresh):
+            each.set_epoch(2)
+        assert np.array_equal(sampler.plan_epoch(2).grid, fresh.plan_epoch(2).grid)
+        assert list(sampler) == list(fresh)
+        assert sampler.state_dict() == fresh.state_dict()
+        assert sampler.state_dict()["replanned_from"] == []
+
+
+def test_state_without_the_recorded_budget_assumes_the_samplers() -> None:
+    sampler = make_sampler(world_size=2)
+    expected = [row[0].tolist() for row in sampler.plan_epoch(0)]
+    list(itertools.islice(sampler, 10))
+    state = sampler.state_dict()
+    # As written before the budget, data set size and re-plans were recorded.
+    for key in ("num_utterances", "max_batch_seconds", "num_buckets", "max_batch_size"):
+        del state[key]
+    del state["replanned_from"]
+    same = make_sampler(world_size=2)
+    same.load_state_dict(state)
+    assert list(same) == expected[10:]
+    elastic = make_sampler(world_size=1)
+    elastic.load_state_dict(state)
+    assert elastic.state_dict()["replanned_from"][0]["max_batch_seconds"] == MAX_BATCH_SECONDS
+
+
+def random_packing_padding(lengths: np.ndarray, budget: int, seed: int) -> float:
+    """Padding fraction of shuffled utterances packed greedily while they fit the budget."""
+    padded = real = 0
+    batch: list[int] = []
+    for length in np.random.default_rng(seed).permutation(lengths).tolist():
+        if batch and (len(batch) + 1) * max(*batch, length) > budget:
+            padded, real = padded + len(batch) * max(batch), real + sum(batch)
+            batch = []
+        batch.append(length)
+    padded, real = padded + len(batch) * max(batch), real + sum(batch)
+    return (padded - real) / padded
+
+
 def test_bucketing_pads_far_less_than_random_batching() -> None:
     lengths = lognormal_lengths(20_000, seed=1)
     bucketed = make_sampler(lengths).padding_fraction(0)
-    # A single bucket is a random shuffle packed under the same budget.
-    random = make_sampler(lengths, num_buckets=1).padding_fraction(0)
-    assert bucketed < 0.06
+    # num_buckets=1 still bins lengths by batch size, so random batching is built here.
+    random = random_packing_padding(lengths, int(MAX_BATCH_SECONDS * SAMPLING_RATE), seed=0)
+    assert bucketed < 0.03
     assert random > 0.3
+
+
+def common_voice_like_lengths(count: int, seed: int = 0) -> np.ndarray:
+    """Lognormal clip lengths with a 4.5 s mean and a right tail, clipped to 1-20 s."""
+    sigma = 0.35
+    seconds = np.random.default_rng(seed).lognormal(np.log(4.5) - sigma**2 / 2, sigma, count)
+    return np.round(seconds.clip(1.0, 20.0) * SAMPLING_RATE).astype(np.int64)
+
+
+@pytest.mark.parametrize("max_batch_seconds", [30.0, 200.0])
+@pytest.mark.parametrize("world_size", [1, 8])
+def test_padding_at_most_two_percent_on_common_voice_like_lengths(
+    max_batch_seconds: float, world_size: int
+) -> None:
+    lengths = common_voice_like_lengths(20_000)
+    sampler = make_sampler(lengths, max_batch_seconds=max_batch_seconds, world_size=world_size)
+    assert max(sampler.padding_fraction(epoch) for epoch in range(3)) <= 0.02
+
+
+def test_splitting_bins_pads_less_than_batch_size_classes_alone() -> None:
+    lengths = common_voice_like_lengths(20_000, seed=1)
+    classes_only = make_sampler(lengths, num_buckets=1).padding_fraction(0)
+    split = make_sampler(lengths).padding_fraction(0)
+    assert split < 0.6 * classes_only
+
+
+def naive_padding_fraction(sampler: DurationBucketSampler, epoch: int) -> float:
+    """padding_fraction as a Python sum over every rank's batches."""
+    batches = [batch for row in sampler.plan_epoch(epoch) for batch in row]
+    padded = sum(padded_samples(sampler.lengths, batch) for batch in batches)
+    return 1 - sum(int(sampler.lengths[batch].sum()) for batch in batches) / padded
+
+
+def test_padding_fraction_matches_a_sum_over_the_plan() -> None:
+    sampler = make_sampler(world_size=3, gradient_accumulation_steps=2)
+    for epoch in range(2):
+        assert sampler.padding_fraction(epoch) == pytest.approx(
+            naive_padding_fraction(sampler, epoch), rel=1e-12
+        )
+
+
+CONFIGS = [
+    {"max_batch_seconds": 7.3},
+    {"max_batch_seconds": 30.0, "world_size": 4, "gradient_accumulation_steps": 3},
+    {"max_batch_seconds": 200.0, "world_size": 2, "num_buckets": 5},
+    {"max_batch_seconds": 60.0, "world_size": 3, "max_batch_size": 6, "seed": 5},
+]
+
+
+@pytest.mark.filterwarnings("ignore:.* longer than max_batch_seconds")
+@pytest.mark.parametrize("config", CONFIGS)
+def test_flat_plan_holds_every_utterance_once_and_skips_only_whole_batches(config) -> None:
+    sampler = make_sampler(**config)
+    step_size = sampler.world_size * sampler.gradient_accumulation_steps
+    for epoch in range(2):
+        plan = sampler.plan_epoch(epoch)
+        # Every utterance is in exactly one batch, kept or skipped.
+        assert np.array_equal(np.sort(plan.order), np.arange(len(LENGTHS)))
+        assert plan.bounds[0] == 0 and plan.bounds[-1] == len(LENGTHS)
+        assert (np.diff(plan.bounds) > 0).all()
+        # Each batch runs at most once, and fewer than one step's worth are skipped.
+        num_batches = plan.bounds.size - 1
+        assert plan.grid.shape == (len(plan), sampler.world_size)
+        assert len(np.unique(plan.grid)) == plan.grid.size
+        assert 0 <= plan.grid.min() and plan.grid.max() < num_batches
+        assert 0 <= num_batches - plan.grid.size < step_size
+        assert len(plan) % sampler.gradient_accumulation_steps == 0
+        # Rows, negative indices included, are the grid's batches.
+        for step in (0, len(plan) // 2, -1):
+            for rank, batch in enumerate(plan[step]):
+                number = plan.grid[step, rank]
+                assert np.array_equal(
+                    batch, plan.order[plan.bounds[number] : plan.bounds[number + 1]]
+                )
+
+
+@pytest.mark.filterwarnings("ignore:.* longer than max_batch_seconds")
+@pytest.mark.parametrize("max_batch_seconds", [7.3, 30.0, 200.0])
+@pytest.mark.parametrize("max_batch_size", [None, 5])
+def test_every_batch_fits_the_budget_unless_it_is_one_oversized_utterance(
+    max_batch_seconds: float, max_batch_size: int | None
+) -> None:
+    budget = int(max_batch_seconds * SAMPLING_RATE)
+    lengths = np.concatenate(
+        [common_voice_like_lengths(5_000, seed=2), lognormal_lengths(5_000, seed=3)]
+    )
+    sampler = make_sampler(
+        lengths, max_batch_seconds=max_batch_seconds, max_batch_size=max_batch_size
+    )
+    for epoch in range(2):
+        plan = sampler.plan_epoch(epoch)
+        # Every batch, the skipped ones too.
+        for number in range(plan.bounds.size - 1):
+            batch = plan.batch(number)
+            assert len(batch) <= (max_batch_size or len(batch))
+            # A batch of one may be a single utterance longer than the budget.
+            if len(batch) > 1:
+                assert padded_samples(lengths, batch) <= budget
+
+
+@pytest.mark.parametrize("world_size", [2, 5])
+def test_ranks_compute_the_same_plan_and_take_disjoint_columns(world_size: int) -> None:
+    samplers = [
+        make_sampler(world_size=world_size, rank=r, gradient_accumulation_steps=2, seed=4)
+        for r in range(world_size)
+    ]
+    plans = [s.plan_epoch(1) for s in samplers]
+    for plan in plans[1:]:
+        assert np.array_equal(plan.order, plans[0].order)
+        assert np.array_equal(plan.bounds, plans[0].bounds)
+        assert np.array_equal(plan.grid, plans[0].grid)
+    for sampler in samplers:
+        sampler.set_epoch(1)
+    taken = [np.concatenate([np.array(b, dtype=np.int64) for b in s]) for s in samplers]
+    everything = np.concatenate(taken)
+    assert len(np.unique(everything)) == len(everything)
+    kept = np.concatenate([plans[0].batch(n) for n in plans[0].grid.ravel()])
+    assert np.array_equal(np.sort(everything), np.sort(kept))
+
+
+def test_micro_step_totals_equal_sums_over_the_plan() -> None:
+    rng = np.random.default_rng(9)
+    lengths = rng.integers(SAMPLING_RATE // 2, 12 * SAMPLING_RATE, 2_000)
+    sampler = make_sampler(lengths, world_size=3, gradient_accumulation_steps=2, seed=2)
+    text_lengths = rng.integers(1, 200, lengths.size).astype(np.int32)
+    weights = rng.random(lengths.size)
+    for epoch in range(2):
+        plan = sampler.plan_epoch(epoch)
+        totals = sampler.micro_step_totals(text_lengths, epoch)
+        assert totals.dtype == np.int64
+        assert totals.tolist() == [
+            sum(int(text_lengths[batch].sum()) for batch in row) for row in plan
+        ]
+        expected = [sum(float(weights[batch].sum()) for batch in row) for row in plan]
+        assert sampler.micro_step_totals(weights, epoch) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="shape"):
+        sampler.micro_step_totals(text_lengths[:-1], 0)

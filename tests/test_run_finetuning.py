@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -224,7 +225,8 @@ def test_resume_after_kill_sees_the_same_batches(zero2_run, prepared, tmp_path):
         assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-3), step
 
 
-def test_two_nodes_on_loopback(prepared, tmp_path):
+def launch_two_nodes(args_for_node: list[list[str]], tmp_path: Path) -> list[str]:
+    """Two deepspeed launchers on loopback, one rank each, as two nodes of a hostfile."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     port = free_port()
@@ -232,17 +234,22 @@ def test_two_nodes_on_loopback(prepared, tmp_path):
         subprocess.Popen(
             [
                 *LAUNCHER, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
-                "--master_addr", "127.0.0.1", "--master_port", str(port), SCRIPT,
-                *training_args(
-                    prepared, tmp_path / "run", "zero2_fp32.json", max_steps=2, trace_batches=True
-                ),
+                "--master_addr", "127.0.0.1", "--master_port", str(port), SCRIPT, *args,
             ],
             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        for rank in (0, 1)
+        for rank, args in enumerate(args_for_node)
     ]  # fmt: skip
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    return outputs
+
+
+def test_two_nodes_on_loopback(prepared, tmp_path):
+    args = training_args(
+        prepared, tmp_path / "run", "zero2_fp32.json", max_steps=2, trace_batches=True
+    )
+    launch_two_nodes([args, args], tmp_path)
     assert sorted(train_steps(tmp_path / "run")) == [1, 2]
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     # Each node trained its own batches: the same steps, disjoint utterances.
@@ -255,6 +262,92 @@ def test_two_nodes_on_loopback(prepared, tmp_path):
     assert len(digests) == 2 and digests[0] == digests[1]
 
 
+def cache_reports(output: str) -> list[tuple[int, int]]:
+    """(files downloaded, files kept) from each `cache HOST: ...` line a node printed."""
+    found = re.findall(
+        r"^cache .*: downloaded (\d+) files \(\d+ bytes\), kept (\d+)$", output, re.M
+    )
+    return [(int(downloaded), int(kept)) for downloaded, kept in found]
+
+
+def test_two_nodes_train_from_s3_through_node_local_caches(prepared, s3_server, tmp_path):
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="training")
+    for split in ("train", "dev"):
+        for path in prepared[split].rglob("*"):
+            if path.is_file():
+                s3.upload_file(
+                    str(path), "training", f"{split}/{path.relative_to(prepared[split])}"
+                )
+    shards = len(json.loads((prepared["train"] / "dataset.json").read_text())["shards"])
+
+    def node_args(run: str, node: str) -> list[str]:
+        options = training_options(prepared, tmp_path / run, "zero2_fp32.json", max_steps=2)
+        options |= {
+            "train_dir": "s3://training/train",
+            "eval_dir": "s3://training/dev",
+            "cache_dir": str(tmp_path / f"cache-{node}"),  # nothing shared between the nodes
+        }
+        return [f"--{key}={value}" for key, value in options.items()]
+
+    cold = launch_two_nodes([node_args("cold", "a"), node_args("cold", "b")], tmp_path)
+    for output in cold:
+        # Train and dev, each downloaded whole (shards, length index, vocab, rejects) once.
+        (train, train_kept), (dev, dev_kept) = cache_reports(output)
+        assert train == shards + 3 and dev >= 4 and train_kept == dev_kept == 0
+    assert sorted(train_steps(tmp_path / "cold")) == [1, 2]
+    assert [r for r in records(tmp_path / "cold") if "eval_cer" in r]
+
+    warm = launch_two_nodes([node_args("warm", "a"), node_args("warm", "b")], tmp_path)
+    for output in warm:
+        assert [downloaded for downloaded, _ in cache_reports(output)] == [0, 0]
+    # The same data, so the same first batch and loss as the cold run.
+    assert (
+        train_steps(tmp_path / "warm")[1]["batch_checksum"]
+        == train_steps(tmp_path / "cold")[1]["batch_checksum"]
+    )
+
+
+def adam_steps(checkpoint: Path) -> float:
+    """The Adam step count in rank 0's optimizer partition of a ZeRO-2 or ZeRO-3 checkpoint."""
+    (path,) = checkpoint.glob("*zero_pp_rank_0_*optim_states.pt")
+    state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    state = state.get("base_optimizer_state") or state["optimizer_state_dict"]  # ZeRO-2 or 3
+    return float(state["state"][0]["step"])
+
+
+@pytest.mark.parametrize(
+    ("config", "before", "after"),
+    [("zero2_fp32.json", 2, 1), ("zero2_fp32.json", 1, 2), ("zero3_fp32.json", 2, 1),
+     ("zero3_fp32.json", 1, 2)],
+)  # fmt: skip
+def test_resume_on_another_number_of_ranks(prepared, tmp_path, config, before, after):
+    """A checkpoint of N ranks resumes on M: optimizer state carried, the epoch finished once."""
+    options = training_options(prepared, tmp_path, config, max_steps=2, trace_batches=True)
+    options["max_batch_seconds"] = 6  # enough micro-batches for 2 ranks and a mid-epoch stop
+    args = [f"--{key}={value}" for key, value in options.items() if key != "eval_dir"]
+    assert_succeeded(launch(args, num_ranks=before))
+    resumed = [a for a in args if not a.startswith("--max_steps")] + ["--max_steps=4", "--resume"]
+    assert_succeeded(launch(resumed, num_ranks=after))
+
+    assert sorted(train_steps(tmp_path)) == [1, 2, 3, 4]
+    assert (tmp_path / "checkpoints" / "step2_universal").is_dir()
+    last = tmp_path / "checkpoints" / "step4"
+    assert json.loads((last / "trainer_state.json").read_text())["world_size"] == after
+    # Adam's moments and step count came across: a dropped optimizer state would restart at 0.
+    assert adam_steps(last) == 4
+    # Every utterance trained at most once per epoch, across both runs and all ranks.
+    trained: dict[int, list[str]] = {}
+    for rank in range(max(before, after)):
+        for line in batch_trace(tmp_path, rank):
+            trained.setdefault(line["epoch"], []).extend(line["ids"])
+    assert trained[0]
+    for ids in trained.values():
+        assert len(ids) == len(set(ids))
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -262,7 +355,7 @@ def test_two_nodes_on_loopback(prepared, tmp_path):
         ({"deepspeed": "/nonexistent.json"}, "cannot read DeepSpeed config"),
         ({"eval_dir": "EIGHT_KHZ"}, "Hz"),
         ({"max_batch_seconds": 0}, "max_batch_seconds"),
-        ({"train_dir": "s3://bucket/prepared/train"}, "memory maps"),
+        ({"train_dir": "s3://bucket/prepared/train"}, "pass --cache_dir"),
         ({"output_dir": "HAS_CHECKPOINTS"}, "pass --resume"),
     ],
 )

@@ -1,6 +1,6 @@
 """The whole pipeline on generated German speech, with nothing to download.
 
-    python -m train.demo                      # 0.3 h corpus, about 10 minutes on 2 CPU cores
+    python -m train.demo                      # 1 h corpus, about 10 minutes on 2 CPU cores
     python -m train.demo --hours 0.03 --max_steps 10     # smoke test
 
 Generates a Common Voice-layout corpus with espeak-ng, preprocesses it with a local Ray
@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="demo", help="Where corpus, data and run go.")
-    parser.add_argument("--hours", type=float, default=0.3, help="Hours of speech to generate.")
+    parser.add_argument("--hours", type=float, default=1.0, help="Hours of speech to generate.")
     parser.add_argument("--max_steps", type=int, default=800, help="Optimizer steps to train.")
     parser.add_argument("--eval_steps", type=int, default=200, help="Evaluate every N steps.")
     parser.add_argument(

@@ -20,6 +20,7 @@ import atexit  # noqa: E402  (the clock above times the imports)
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
@@ -38,11 +39,18 @@ from tqdm import tqdm  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
 from argument_classes import DataArguments, ModelArguments, TrainingArguments  # noqa: E402
+from preprocess import storage  # noqa: E402
+from preprocess.dataset_cache import cache_dataset, cache_path  # noqa: E402
 from preprocess.shard_format import ShardDataset  # noqa: E402
 from train import deepspeed_shm_buffers  # noqa: E402
 from train.ctc_collator import CTCCollator, attention_mask  # noqa: E402
 from train.deepspeed_startup import import_muon_without_compiling  # noqa: E402
 from train.duration_bucket_sampler import DurationBucketSampler  # noqa: E402
+from train.elastic_checkpoint import (  # noqa: E402
+    latest_trainer_state,
+    universal_checkpoint,
+    write_trainer_state,
+)
 from train.evaluation import evaluate, evaluation_batches  # noqa: E402
 from train.model_export import (  # noqa: E402
     engine_logits,
@@ -151,6 +159,12 @@ def validate(data: DataArguments, training: TrainingArguments) -> None:
             raise TrainingSetupError(f"--{name} must be positive, got {value}")
     if training.max_steps is not None and training.max_steps <= 0:
         raise TrainingSetupError(f"--max_steps must be positive, got {training.max_steps}")
+    remote = [uri for uri in (data.train_dir, data.eval_dir) if uri and storage.is_remote(uri)]
+    if remote and not data.cache_dir:
+        raise TrainingSetupError(
+            f"{remote[0]} is in object storage: pass --cache_dir, a node-local directory to "
+            "cache its shards in (they are memory-mapped)"
+        )
     has_checkpoint = os.path.isfile(os.path.join(training.output_dir, CHECKPOINT_DIR, "latest"))
     if has_checkpoint and not (training.resume or training.export_only):
         raise TrainingSetupError(
@@ -161,10 +175,34 @@ def validate(data: DataArguments, training: TrainingArguments) -> None:
         raise TrainingSetupError(f"no checkpoint to resume from in {training.output_dir}")
 
 
+def local_dataset_path(uri: str, cache_dir: str | None) -> str:
+    """The directory to memory-map: `uri` itself, or its node-local cache for s3:// URIs.
+
+    A collective for remote URIs: local rank 0 of each node downloads what the node's cache
+    lacks while the node's other ranks (and the other nodes) wait at the barrier.
+    """
+    if not storage.is_remote(uri):
+        return uri
+    assert cache_dir is not None  # validate() requires it
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        result = cache_dataset(uri, cache_dir)
+        print(
+            f"cache {socket.gethostname()}: {uri} -> {result.path}: downloaded "
+            f"{len(result.downloaded)} files ({result.downloaded_bytes} bytes), kept {result.kept}",
+            flush=True,
+        )
+    dist.barrier()
+    return cache_path(uri, cache_dir)
+
+
 def open_datasets(data: DataArguments) -> tuple[ShardDataset, ShardDataset | None]:
     try:
-        train_set = ShardDataset(data.train_dir)
-        eval_set = ShardDataset(data.eval_dir) if data.eval_dir else None
+        train_set = ShardDataset(local_dataset_path(data.train_dir, data.cache_dir))
+        eval_set = (
+            ShardDataset(local_dataset_path(data.eval_dir, data.cache_dir))
+            if data.eval_dir
+            else None
+        )
     except (FileNotFoundError, ValueError) as error:
         raise TrainingSetupError(str(error)) from None
     if eval_set is not None:
@@ -273,12 +311,12 @@ def ctc_loss_sum(
 
 
 def prune_checkpoints(checkpoint_dir: str, keep: int) -> None:
-    tags = sorted(
-        (t for t in os.listdir(checkpoint_dir) if t.startswith("step")),
-        key=lambda tag: int(tag.removeprefix("step")),
-    )
-    for tag in tags[: max(len(tags) - keep, 0)]:
-        shutil.rmtree(os.path.join(checkpoint_dir, tag), ignore_errors=True)
+    """Keeps the last `keep` steps' checkpoints, with their universal conversions."""
+    tags = [re.fullmatch(r"step(\d+)(_universal)?", t) for t in os.listdir(checkpoint_dir)]
+    steps = sorted({int(match[1]) for match in tags if match})
+    for match in tags:
+        if match and int(match[1]) in steps[: max(len(steps) - keep, 0)]:
+            shutil.rmtree(os.path.join(checkpoint_dir, match[0]), ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,12 +344,28 @@ def main(argv: list[str] | None = None) -> int:
         steps_per_epoch = len(sampler.plan_epoch(0)) // training.gradient_accumulation_steps
     except ValueError as error:
         raise TrainingSetupError(str(error)) from None
-    total_steps = training.max_steps or math.ceil(steps_per_epoch * training.num_train_epochs)
+    checkpoint_dir = os.path.join(training.output_dir, CHECKPOINT_DIR)
+    resuming = training.resume or training.export_only
+    try:
+        saved = latest_trainer_state(checkpoint_dir) if resuming else None
+    except FileNotFoundError as error:
+        raise TrainingSetupError(str(error)) from None
+    # Progress is counted in optimizer steps. A resumed run keeps the total its schedule was
+    # built for (unless --max_steps says otherwise), so the learning rate continues smoothly
+    # even when another number of ranks changes the steps per epoch.
+    total_steps = (
+        training.max_steps
+        or (saved and saved["total_steps"])
+        or math.ceil(steps_per_epoch * training.num_train_epochs)
+    )
     startup.mark("dataset_open_and_batch_plan")
 
     # Model: under ZeRO-3, HfDeepSpeedConfig must be alive while the model is built, so its
     # weights are created partitioned and the weight-normed positional conv is gathered right.
     ds_config = deepspeed_config(training, total_steps)
+    elastic = saved is not None and saved["world_size"] != world_size
+    if elastic:
+        ds_config["checkpoint"] = {"load_universal": True}
     hf_deepspeed_config = None
     if ds_config["zero_optimization"]["stage"] == 3:
         # Imported only here: it pulls in accelerate, which other stages never use.
@@ -346,17 +400,19 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_float32_matmul_precision("high")
     startup.mark("deepspeed_initialize")
 
-    checkpoint_dir = os.path.join(training.output_dir, CHECKPOINT_DIR)
     step, epoch, nonfinite_losses = 0, 0, 0
     resumed_rng = None
-    if training.resume or training.export_only:
-        _, client_state = engine.load_checkpoint(checkpoint_dir)
+    if saved is not None:
+        # Written by another number of ranks: load its universal form, any world size reads it.
+        tag = universal_checkpoint(checkpoint_dir, saved["tag"]) if elastic else saved["tag"]
+        _, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag)
         if client_state["vocab"] != vocab:
             raise TrainingSetupError("the checkpoint was trained on another vocabulary")
         sampler.load_state_dict(client_state["sampler"])
         step, epoch = client_state["step"], client_state["sampler"]["epoch"]
         nonfinite_losses = client_state.get("nonfinite_losses", 0)
-        resumed_rng = load_rng_state(rng_state_file(checkpoint_dir, f"step{step}", rank))
+        if not elastic:  # the generators of ranks that no longer exist cannot be continued
+            resumed_rng = load_rng_state(rng_state_file(checkpoint_dir, saved["tag"], rank))
     # Object collectives (evaluation transcripts) run on gloo whatever the device backend.
     cpu_group = dist.new_group(backend="gloo")
     if training.export_only:
@@ -440,16 +496,15 @@ def main(argv: list[str] | None = None) -> int:
     engine.train()
     while step < total_steps:
         sampler.set_epoch(epoch)
-        plan = sampler.plan_epoch(epoch)
         # Each micro-step's target tokens over all ranks, known from the plan without talking.
-        plan_targets = [
-            sum(int(train_set.text_lengths[batch].sum()) for batch in row) for row in plan
-        ]
+        plan_targets = sampler.micro_step_totals(train_set.text_lengths, epoch)
         first_micro_step = sampler.state_dict(consumed_in_pass=0)["consumed_micro_steps"]
         for consumed, (ids, batch) in enumerate(loader, start=1):
             micro_step = first_micro_step + consumed - 1
             window = micro_step - micro_step % training.gradient_accumulation_steps
-            step_targets = sum(plan_targets[window : window + training.gradient_accumulation_steps])
+            step_targets = int(
+                plan_targets[window : window + training.gradient_accumulation_steps].sum()
+            )
             if step == 0 and consumed == 1:
                 startup.mark("first_batch")
             if resumed_rng is not None:
@@ -544,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
                     "vocab": vocab,
                     "nonfinite_losses": nonfinite_losses,
                 }
+                if is_main:
+                    layout = {"world_size": world_size, "total_steps": total_steps}
+                    write_trainer_state(checkpoint_dir, f"step{step}", {"step": step, **layout})
                 save_rng_state(rng_state_file(checkpoint_dir, f"step{step}", rank))
                 engine.save_checkpoint(checkpoint_dir, tag=f"step{step}", client_state=client_state)
                 if is_main:
