@@ -175,7 +175,9 @@ def _run_ray_pipeline(
         decoded = ray.data.from_arrow(slices).map_batches(
             decode_batch,
             batch_format="pyarrow",
-            batch_size=preprocess.decode_batch_size,
+            # Never above the task size: Ray Data would merge the planned blocks into fewer
+            # tasks to fill a batch, leaving CPUs (or whole nodes) idle on small manifests.
+            batch_size=min(preprocess.decode_batch_size, rows_per_task),
             fn_kwargs={
                 "sampling_rate": preprocess.sampling_rate,
                 "min_seconds": preprocess.min_duration_seconds,

@@ -27,8 +27,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="demo", help="Where corpus, data and run go.")
     parser.add_argument("--hours", type=float, default=1.0, help="Hours of speech to generate.")
-    parser.add_argument("--max_steps", type=int, default=800, help="Optimizer steps to train.")
-    parser.add_argument("--eval_steps", type=int, default=200, help="Evaluate every N steps.")
+    parser.add_argument("--max_steps", type=int, default=750, help="Optimizer steps to train.")
+    parser.add_argument("--eval_steps", type=int, default=250, help="Evaluate every N steps.")
     parser.add_argument(
         "--num_ranks", type=int, default=None, help="Training ranks (default: GPUs, else 2 CPUs)."
     )
