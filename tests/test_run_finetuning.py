@@ -324,28 +324,46 @@ def adam_steps(checkpoint: Path) -> float:
      ("zero3_fp32.json", 1, 2)],
 )  # fmt: skip
 def test_resume_on_another_number_of_ranks(prepared, tmp_path, config, before, after):
-    """A checkpoint of N ranks resumes on M: optimizer state carried, the epoch finished once."""
-    options = training_options(prepared, tmp_path, config, max_steps=2, trace_batches=True)
-    options["max_batch_seconds"] = 6  # enough micro-batches for 2 ranks and a mid-epoch stop
+    """A checkpoint of N ranks resumes on M: optimizer state carried, the learning rate
+    continuous, and the epoch's remaining utterances trained once each."""
+    options = training_options(prepared, tmp_path, config, trace_batches=True)
+    del options["max_steps"]  # one epoch: its step count depends on the number of ranks
+    options |= {"num_train_epochs": 1, "max_batch_seconds": 6}
+    options |= {"save_steps": 2, "save_total_limit": 99}  # step 2's checkpoint is resumed
     args = [f"--{key}={value}" for key, value in options.items() if key != "eval_dir"]
     assert_succeeded(launch(args, num_ranks=before))
-    resumed = [a for a in args if not a.startswith("--max_steps")] + ["--max_steps=4", "--resume"]
-    assert_succeeded(launch(resumed, num_ranks=after))
+    uninterrupted = train_steps(tmp_path)
+    trained_before = [
+        line for rank in range(before) for line in batch_trace(tmp_path, rank) if line["step"] <= 2
+    ]
+    traced = [len(batch_trace(tmp_path, rank)) for rank in range(before)] + [0] * after
+    # The run is cut after its step-2 checkpoint and resumed on another number of ranks.
+    (tmp_path / "checkpoints" / "latest").write_text("step2")
+    assert_succeeded(launch([*args, "--resume"], num_ranks=after))
 
-    assert sorted(train_steps(tmp_path)) == [1, 2, 3, 4]
+    resumed = train_steps(tmp_path)
+    total = max(uninterrupted)
+    assert max(resumed) == total > 2
+    # Progress counts optimizer steps: the schedule keeps the total it was built for.
+    for step in range(3, total + 1):
+        expected = uninterrupted[step]["learning_rate"]
+        assert resumed[step]["learning_rate"] == pytest.approx(expected, rel=1e-6), step
     assert (tmp_path / "checkpoints" / "step2_universal").is_dir()
-    last = tmp_path / "checkpoints" / "step4"
-    assert json.loads((last / "trainer_state.json").read_text())["world_size"] == after
-    # Adam's moments and step count came across: a dropped optimizer state would restart at 0.
-    assert adam_steps(last) == 4
-    # Every utterance trained at most once per epoch, across both runs and all ranks.
-    trained: dict[int, list[str]] = {}
-    for rank in range(max(before, after)):
-        for line in batch_trace(tmp_path, rank):
-            trained.setdefault(line["epoch"], []).extend(line["ids"])
-    assert trained[0]
-    for ids in trained.values():
-        assert len(ids) == len(set(ids))
+    final = tmp_path / "checkpoints" / f"step{total}"
+    assert json.loads((final / "trainer_state.json").read_text())["world_size"] == after
+    # Adam's moments and step count came across: a dropped optimizer state restarts at 0.
+    assert adam_steps(final) == total
+    # The rest of the epoch went to the new ranks, none of it trained twice.
+    trained_after = [
+        line for rank in range(after) for line in batch_trace(tmp_path, rank)[traced[rank] :]
+    ]
+    for epoch in {line["epoch"] for line in trained_after}:
+        ids = [
+            i for line in trained_before + trained_after if line["epoch"] == epoch
+            for i in line["ids"]
+        ]  # fmt: skip
+        assert len(ids) == len(set(ids)), epoch
+    assert any(line["epoch"] == 0 for line in trained_after)
 
 
 @pytest.mark.parametrize(
