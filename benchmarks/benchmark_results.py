@@ -1,19 +1,15 @@
-"""What every benchmark writes: one JSON file with rows, machine info and notes, and a PNG plot.
+"""What every benchmark writes: one JSON file of rows, machine and notes, and a PNG plot.
 
-The JSON schema is shared so `update_readme_table` can render results of any benchmark, including
-ones written later, without knowing them::
+The schema is shared, so `update_readme_table` renders any benchmark's results::
 
-    {
-      "benchmark": "preprocess_throughput", "title": "...", "schema_version": 1,
-      "quick": false, "created_utc": "...", "command_line": "...", "git_commit": "...",
-      "machine": {"cpu_model", "cores", "ram_gib", "gpu", "os", "python", "packages"},
-      "rows": [{"metric", "ours", "baseline", "baseline_name", "ratio", "unit",
-                "higher_is_better", "headline"}],
-      "details": {...benchmark specific...}, "notes": ["..."], "plot": "NAME.png"
-    }
+    {"benchmark", "title", "schema_version": 1, "quick", "created_utc", "command_line",
+     "git_commit", "machine": {"cpu_model", "cores", "ram_gib", "gpu", "os", "python", "packages"},
+     "rows": [{"metric", "ours", "baseline", "baseline_name", "ratio", "unit",
+               "higher_is_better", "headline"}], "details": {...}, "notes": [...], "plot"}
 
-``ratio`` is always ours / baseline; ``higher_is_better`` says which side of 1 is a lead.
-Rows with ``headline: false`` appear in RESULTS.md but not in the README table.
+A row compares ours with its anchor (``baseline``) measured in the same run; ``ratio`` is
+ours / baseline and ``higher_is_better`` says which side of 1 leads. Rows with
+``headline: false`` appear in RESULTS.md only, not in the README table.
 """
 
 from __future__ import annotations
@@ -21,62 +17,28 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import importlib.util
 import json
-import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
-import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from benchmarks.process_tree import machine_cores
+
 SCHEMA_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 # Versions worth knowing when comparing results across machines; missing ones are skipped.
-PACKAGES = (
-    "numpy",
-    "pyarrow",
-    "ray",
-    "torch",
-    "transformers",
-    "datasets",
-    "soundfile",
-    "soxr",
-    "librosa",
-    "psutil",
-)
-
-
-def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options every benchmark has: where results go and whether this is a tiny smoke run."""
-    parser.add_argument(
-        "--output_dir",
-        type=Path,
-        default=RESULTS_DIR,
-        help="directory for NAME.json and NAME.png (default: benchmarks/results)",
-    )
-    parser.add_argument(
-        "--tag",
-        default="",
-        help="suffix for the file names, e.g. the machine: NAME-TAG.json (default: none)",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny sizes for a smoke run under a minute; files get a -quick suffix and the "
-        "README table skips them",
-    )
-
-
-def result_stem(name: str, args: argparse.Namespace) -> Path:
-    """Path without extension; quick runs never overwrite real results."""
-    suffix = (f"-{args.tag}" if args.tag else "") + ("-quick" if args.quick else "")
-    return Path(args.output_dir) / f"{name}{suffix}"
+PACKAGES = ("numpy", "pyarrow", "ray", "torch", "transformers", "datasets", "deepspeed")
+PACKAGES += ("soundfile", "soxr", "librosa", "psutil")
 
 
 def result_row(
@@ -88,7 +50,7 @@ def result_row(
     higher_is_better: bool,
     headline: bool = True,
 ) -> dict[str, Any]:
-    """One comparison, the unit of the results table."""
+    """One comparison of ours with its anchor, the unit of the results table."""
     return {
         "metric": metric,
         "ours": ours,
@@ -101,13 +63,27 @@ def result_row(
     }
 
 
+def figure_rows(
+    ours: dict[str, Any],
+    anchor: dict[str, Any],
+    anchor_name: str,
+    figures: Sequence[tuple[str, str, str, bool, bool]],
+) -> list[dict[str, Any]]:
+    """A row per (metric, key, unit, higher is better, headline) of `figures` both sides have."""
+    return [
+        result_row(metric, ours[key], anchor[key], anchor_name, unit, higher_is_better, headline)
+        for metric, key, unit, higher_is_better, headline in figures
+        if ours.get(key) is not None and anchor.get(key) is not None
+    ]
+
+
 def git_commit() -> str | None:
     """HEAD's commit read from .git directly, so benchmarks never run git themselves."""
     git_dir = REPO_ROOT / ".git"
     try:
         head = (git_dir / "HEAD").read_text().strip()
         if not head.startswith("ref: "):
-            return head
+            return head  # detached
         ref = head.removeprefix("ref: ")
         if (git_dir / ref).exists():
             return (git_dir / ref).read_text().strip()
@@ -120,13 +96,10 @@ def git_commit() -> str | None:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 
@@ -134,17 +107,12 @@ def _gpus() -> list[str]:
     # nvidia-smi instead of torch.cuda: no CUDA initialisation, and works without torch.
     if shutil.which("nvidia-smi") is None:
         return []
+    query = ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]
     try:
-        listing = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
+        listing = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError):
         return []
-    return [line.strip() for line in listing.splitlines() if line.strip()]
+    return [line.strip() for line in listing.stdout.splitlines() if line.strip()]
 
 
 def machine_info() -> dict[str, Any]:
@@ -157,9 +125,7 @@ def machine_info() -> dict[str, Any]:
             continue
     return {
         "cpu_model": _cpu_model(),
-        "cores": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
+        "cores": machine_cores(),
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "gpu": _gpus(),
         "os": platform.platform(),
@@ -172,30 +138,39 @@ def machine_summary(machine: dict[str, Any]) -> str:
     """One line for tables, e.g. 'AMD EPYC, 2 cores, 23.4 GiB, no GPU'."""
     gpus = machine.get("gpu") or []
     gpu = f"{len(gpus)}× {gpus[0].split(',')[0]}" if gpus else "no GPU"
-    parts = [
-        str(machine.get("cpu_model", "?")),
-        f"{machine.get('cores', '?')} cores",
-        f"{machine.get('ram_gib', '?')} GiB",
-        gpu,
-    ]
-    return ", ".join(parts)
+    cores, ram = machine.get("cores", "?"), machine.get("ram_gib", "?")
+    return f"{machine.get('cpu_model', '?')}, {cores} cores, {ram} GiB, {gpu}"
 
 
 def write_results(
     name: str,
-    title: str,
+    doc: str,
     args: argparse.Namespace,
     argv: Sequence[str],
     rows: list[dict[str, Any]],
     details: dict[str, Any],
-    notes: list[str],
 ) -> Path:
-    """Writes NAME.json beside the plot (same stem) and returns its path."""
-    stem = result_stem(name, args)
+    """Writes NAME.json and, where matplotlib is, NAME.png of the rows; returns the JSON's path.
+
+    The title and notes are the benchmark's module docstring, `doc`: one text, in the code and
+    beside the figures, says how they were measured.
+    """
+    # NAME[-TAG][-quick]: quick runs never overwrite real results.
+    suffix = (f"-{args.tag}" if args.tag else "") + ("-quick" if args.quick else "")
+    stem = Path(args.output_dir) / f"{name}{suffix}"
     stem.parent.mkdir(parents=True, exist_ok=True)
+    plot = stem.with_suffix(".png") if importlib.util.find_spec("matplotlib") else None
+    paragraphs = doc.strip().split("\n\n")
+    # Bullets and numbered items are notes of their own; indented usage examples are left out.
+    notes = [
+        " ".join(item.split()).removeprefix("* ")
+        for paragraph in paragraphs[1:]
+        if not paragraph.startswith("    ")
+        for item in re.split(r"\n(?=\* |\d\. )", paragraph)
+    ]
     document = {
         "benchmark": name,
-        "title": title,
+        "title": paragraphs[0],
         "schema_version": SCHEMA_VERSION,
         "quick": bool(args.quick),
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -205,65 +180,57 @@ def write_results(
         "rows": rows,
         "details": details,
         "notes": notes,
-        "plot": stem.with_suffix(".png").name,
+        "plot": plot.name if plot else None,
     }
     path = stem.with_suffix(".json")
     path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    if plot:
+        plot_rows(rows, f"{name} on {machine_summary(document['machine'])}", plot)
     return path
 
 
-def new_figure(columns: int, title: str, width_per_column: float = 5.5) -> tuple[Any, list[Any]]:
-    """A row of `columns` axes with a headless backend (benchmarks run on servers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(
-        1, columns, figsize=(width_per_column * columns, 4.2), squeeze=False
-    )
-    figure.suptitle(title)
-    return figure, list(axes[0])
-
-
-def grouped_bars(
-    axis: Any,
-    group_labels: Sequence[str],
-    series: dict[str, Sequence[float]],
-    ylabel: str,
-    value_format: str = "{:.0f}",
-) -> None:
-    """Bars of several series side by side per group, each bar labelled with its value."""
-    width = 0.8 / max(len(series), 1)
-    for position, (label, values) in enumerate(series.items()):
-        offsets = [g + (position - (len(series) - 1) / 2) * width for g in range(len(group_labels))]
-        bars = axis.bar(offsets, values, width, label=label)
-        axis.bar_label(bars, labels=[value_format.format(v) for v in values], fontsize=7)
-    axis.set_xticks(range(len(group_labels)), group_labels)
-    axis.set_ylabel(ylabel)
-    # Headroom above the tallest bar keeps the legend off the bars.
-    axis.margins(y=0.1 + 0.07 * len(series))
-    axis.legend(fontsize=7, loc="upper left")
-
-
-def save_figure(figure: Any, args: argparse.Namespace, name: str) -> Path:
-    """Saves the PNG next to the JSON result and closes the figure."""
-    import matplotlib.pyplot as plt
-
-    path = result_stem(name, args).with_suffix(".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
-def print_rows(rows: list[dict[str, Any]], out: Any = sys.stdout) -> None:
-    """Console summary of a result's rows."""
+def finish(
+    name: str,
+    doc: str | None,
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    rows: list[dict[str, Any]],
+    details: dict[str, Any],
+) -> int:
+    """A benchmark's end: its results written, its rows printed; the exit code."""
+    path = write_results(name, doc or name, args, argv, rows, details)
     for row in rows:
         ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "n/a"
         print(
             f"{row['metric']}: ours {row['ours']:.4g} {row['unit']} vs "
-            f"{row['baseline_name']} {row['baseline']:.4g} {row['unit']} (ratio {ratio})",
-            file=out,
+            f"{row['baseline_name']} {row['baseline']:.4g} {row['unit']} (ratio {ratio})"
         )
+    print(f"wrote {path}")
+    return 0
+
+
+def plot_rows(rows: list[dict[str, Any]], title: str, path: Path) -> None:
+    """Saves every row's ours / anchor as a bar (1 = parity, green where ours leads) to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # benchmarks run on servers
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in rows if row["ratio"]]
+    ratios = [row["ratio"] for row in rows]
+    figure, axis = plt.subplots(figsize=(13, 1.4 + 0.3 * len(rows)))
+    leads = [(row["ratio"] > 1) == row["higher_is_better"] for row in rows]
+    axis.barh(range(len(rows)), ratios, color=["tab:green" if x else "tab:red" for x in leads])
+    axis.axvline(1, color="black", linewidth=0.8)
+    labels = [f"{row['metric']}; anchor = {row['baseline_name']}" for row in rows]
+    axis.set_yticks(range(len(rows)), [textwrap.shorten(t, 100) for t in labels], fontsize=7)
+    for y, row in enumerate(rows):
+        figures = f" {row['ours']:.3g} vs {row['baseline']:.3g} {row['unit']}"
+        axis.annotate(figures, (row["ratio"], y), va="center", fontsize=7)
+    axis.invert_yaxis()
+    axis.set_xscale("log")
+    axis.set_xlim(min([*ratios, 1]) / 1.5, max([*ratios, 1]) * 4)  # room for the figures
+    axis.set_xlabel("ours / anchor, measured in the same run (green: ours leads)")
+    axis.set_title(title, fontsize=9)
+    figure.savefig(path, dpi=110, bbox_inches="tight")  # the long labels included
+    plt.close(figure)

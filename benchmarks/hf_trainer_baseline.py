@@ -1,16 +1,14 @@
-"""The Hugging Face way from a Common Voice TSV to the first optimizer step, timed by phase.
+"""The Hugging Face way to the first optimizer steps, timed by phase, with per-step records.
 
-Follows transformers' examples/pytorch/speech-recognition/run_speech_recognition_ctc.py in its
-order: load_dataset("csv") on the TSV; normalize the transcripts and build the character vocab
-with `map`; build the model; cast the audio column to 16 kHz and `map` decode + resample +
-Wav2Vec2FeatureExtractor + tokenizer into input_values, input_length and labels (num_proc
-workers, written to the datasets cache); filter by duration; then `transformers.Trainer` with
-length-grouped sampling on the input_length column, stopped after its first optimizer step.
-
-The model, feature extractor, tokenizer and text normalization are this project's (the `tiny`
-preset by default), so only the data path and the trainer differ from ours. Run by
-benchmarks/startup_time.py in a fresh process with HF_DATASETS_CACHE pointing at an empty
-(cold) or already filled (warm) cache:
+Data from --manifest: transformers' examples/pytorch/speech-recognition/
+run_speech_recognition_ctc.py, in its order: load_dataset("csv"); normalize the transcripts and
+build the character vocab with `map`; cast the audio column to 16 kHz and `map` decode +
+resample + Wav2Vec2FeatureExtractor + tokenizer (num_proc workers, into the datasets cache);
+filter by duration. From --dataset (where HF `datasets` is absent): our shards, each item
+computed as that `map` would have stored it. Then `transformers.Trainer` with length-grouped
+batches for --max_steps steps, recording each step's time, audio and padding as our trainer's
+metrics.jsonl does. Model, feature extractor, tokenizer and text normalization are ours, so only
+the data path and the trainer differ. Alone or under torchrun; rank 0 writes the result:
 
     HF_DATASETS_CACHE=cache python -m benchmarks.hf_trainer_baseline \
         --manifest corpus/all.tsv --output_dir run --result result.json
@@ -22,6 +20,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -35,32 +34,18 @@ SAMPLING_RATE = 16_000
 MIN_SECONDS, MAX_SECONDS = 0.5, 30.0
 
 
-def length_grouping(training_arguments: type) -> dict[str, Any]:
-    """The TrainingArguments option for length-grouped batches, under either spelling.
-
-    transformers < 5 calls it group_by_length=True; 5.x train_sampling_strategy.
-    """
-    names = {field.name for field in fields(training_arguments)}
-    if "group_by_length" in names:
-        return {"group_by_length": True}
-    return {"train_sampling_strategy": "group_by_length"}
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.hf_trainer_baseline", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--manifest", type=Path, required=True, help="Common Voice TSV")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", type=Path, help="Common Voice TSV (datasets `map`)")
+    source.add_argument("--dataset", type=Path, help="our prepared dataset")
     parser.add_argument("--output_dir", type=Path, required=True, help="Trainer output_dir")
-    parser.add_argument("--result", type=Path, required=True, help="JSON file for the phases")
+    parser.add_argument("--result", type=Path, required=True, help="JSON file for the figures")
     parser.add_argument("--model", default="tiny", help="model preset (default: tiny)")
     parser.add_argument("--per_device_train_batch_size", type=int, default=8)
-    parser.add_argument(
-        "--num_proc",
-        type=int,
-        default=None,
-        help="map workers (the recipe's preprocessing_num_workers)",
-    )
+    parser.add_argument("--num_proc", type=int, default=None, help="map workers")
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     parser.add_argument("--max_steps", type=int, default=1)
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs)")
@@ -73,15 +58,14 @@ class PhaseClock:
 
     def __init__(self) -> None:
         self.phases: dict[str, float] = {}
-        self._last = psutil.Process().create_time()
+        self.last = psutil.Process().create_time()
 
     def mark(self, phase: str) -> None:
         now = time.time()
-        self.phases[phase] = now - self._last
-        self._last = now
+        self.phases[phase], self.last = now - self.last, now
 
 
-# --- The recipe's map/filter functions; module level so datasets fingerprints them stably ------
+# --- The recipe's map/filter functions; module level so datasets fingerprints them stably -------
 
 
 def resolve_paths(batch: dict[str, list], clips: str) -> dict[str, list]:
@@ -114,86 +98,109 @@ def in_length_range(length: int) -> bool:
     return MIN_SECONDS * SAMPLING_RATE < length < MAX_SECONDS * SAMPLING_RATE
 
 
+def recipe_dataset(
+    manifest: Path, output_dir: Path, model_args: Any, num_proc: int | None, clock: PhaseClock
+) -> tuple[Any, Any, dict[str, int]]:
+    """The recipe's data path from the TSV to the filtered training set: (dataset, processor,
+    vocab). benchmarks/preprocess_throughput.py times it as the HF way of preprocessing."""
+    import datasets
+
+    from preprocess.text_normalization import TextNormalizer, build_vocab
+    from train.wav2vec2_model import build_processor
+
+    raw = datasets.load_dataset(
+        "csv", data_files=str(manifest), delimiter="\t", quoting=csv.QUOTE_NONE, split="train"
+    )
+    raw = raw.map(resolve_paths, batched=True, fn_kwargs={"clips": str(manifest.parent / "clips")})
+    clock.mark("load_dataset")
+    raw = raw.map(normalize_text, fn_kwargs={"normalizer": TextNormalizer()})
+    columns = raw.column_names
+    characters = raw.map(
+        extract_all_chars, batched=True, batch_size=-1, keep_in_memory=True, remove_columns=columns
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    vocab_file = output_dir / "vocab.json"
+    vocab = build_vocab(characters["vocab"][0])
+    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    processor = build_processor(model_args, str(vocab_file), SAMPLING_RATE)
+    clock.mark("text_and_vocab")
+    raw = raw.cast_column("audio", datasets.Audio(sampling_rate=SAMPLING_RATE))
+    tools = {"feature_extractor": processor.feature_extractor, "tokenizer": processor.tokenizer}
+    vectorized = raw.map(
+        prepare_example, fn_kwargs=tools, remove_columns=columns, num_proc=num_proc
+    )
+    vectorized = vectorized.filter(
+        in_length_range, input_columns=["input_length"], num_proc=num_proc
+    )
+    clock.mark("map_decode_resample_features")
+    return vectorized, processor, vocab
+
+
+@dataclass
+class ShardFeatures:
+    """Our shards as the recipe's training rows; the Trainer reads every item for its lengths."""
+
+    shards: Any
+    processor: Any
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.shards[index]
+        features = self.processor.feature_extractor(item["audio"], sampling_rate=SAMPLING_RATE)
+        labels = self.processor.tokenizer(item["text"]).input_ids
+        return {"input_values": features.input_values[0], "labels": labels}
+
+
 @dataclass
 class CTCPaddingCollator:
     """The recipe's DataCollatorCTCWithPadding: pad audio and labels, -100 where padded."""
 
-    feature_extractor: Any
-    tokenizer: Any
+    processor: Any
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         audio = [{"input_values": feature["input_values"]} for feature in features]
-        batch = self.feature_extractor.pad(audio, padding=True, return_tensors="pt")
-        labels = self.tokenizer.pad(
-            [{"input_ids": feature["labels"]} for feature in features],
-            padding=True,
-            return_tensors="pt",
-        )
+        batch = self.processor.feature_extractor.pad(audio, padding=True, return_tensors="pt")
+        labels = [{"input_ids": feature["labels"]} for feature in features]
+        labels = self.processor.tokenizer.pad(labels, padding=True, return_tensors="pt")
         batch["labels"] = labels["input_ids"].masked_fill(labels["attention_mask"].ne(1), -100)
         return batch
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything from imports to the first optimizer step; returns the phases and sizes."""
+    """Everything from imports to the last optimizer step; returns phases and step records."""
     clock = PhaseClock()
-    import datasets
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from argument_classes import ModelArguments
-    from preprocess.text_normalization import TextNormalizer, build_vocab
+    from preprocess.shard_format import ShardDataset
     from train.wav2vec2_model import build_model, build_processor
 
     clock.mark("imports")
-
-    raw = datasets.load_dataset(
-        "csv",
-        data_files=str(args.manifest),
-        delimiter="\t",
-        quoting=csv.QUOTE_NONE,
-        split="train",
-    )
-    raw = raw.map(
-        resolve_paths, batched=True, fn_kwargs={"clips": str(args.manifest.parent / "clips")}
-    )
-    clock.mark("load_dataset")
-
-    raw = raw.map(normalize_text, fn_kwargs={"normalizer": TextNormalizer()})
-    characters = raw.map(
-        extract_all_chars,
-        batched=True,
-        batch_size=-1,
-        keep_in_memory=True,
-        remove_columns=raw.column_names,
-    )
-    vocab = build_vocab(characters["vocab"][0])
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    vocab_file = args.output_dir / "vocab.json"
-    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    clock.mark("text_and_vocab")
-
     model_args = ModelArguments(model_name_or_path=args.model)
-    processor = build_processor(model_args, str(vocab_file), SAMPLING_RATE)
+    if args.manifest:
+        recipe = (args.manifest, args.output_dir, model_args, args.num_proc, clock)
+        train_set, processor, vocab = recipe_dataset(*recipe)
+        lengths = train_set["input_length"]
+    else:
+        shards = ShardDataset(str(args.dataset))
+        vocab_file = os.path.join(shards.path, shards.metadata["vocab"])
+        processor = build_processor(model_args, vocab_file, SAMPLING_RATE)
+        train_set, lengths, vocab = (
+            ShardFeatures(shards, processor),
+            shards.num_samples,
+            shards.vocab,
+        )
     torch.manual_seed(args.seed)
     model = build_model(model_args, vocab, SAMPLING_RATE)
     clock.mark("model_build")
-
-    raw = raw.cast_column("audio", datasets.Audio(sampling_rate=SAMPLING_RATE))
-    vectorized = raw.map(
-        prepare_example,
-        fn_kwargs={
-            "feature_extractor": processor.feature_extractor,
-            "tokenizer": processor.tokenizer,
-        },
-        remove_columns=raw.column_names,
-        num_proc=args.num_proc,
-    )
-    vectorized = vectorized.filter(
-        in_length_range, input_columns=["input_length"], num_proc=args.num_proc
-    )
-    clock.mark("map_decode_resample_features")
-
-    grouping = length_grouping(TrainingArguments)
+    # transformers < 5 spells length-grouped batches group_by_length=True.
+    names = {field.name for field in fields(TrainingArguments)}
+    grouping = {"group_by_length": True} if "group_by_length" in names else {}
+    grouping = grouping or {"train_sampling_strategy": "group_by_length"}
+    workers = args.dataloader_num_workers
     training_args = TrainingArguments(
         output_dir=str(args.output_dir),
         per_device_train_batch_size=args.per_device_train_batch_size,
@@ -205,47 +212,106 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         length_column_name="input_length",
         # Otherwise the length column is dropped and the sampler reads every row for lengths.
         remove_unused_columns=False,
-        dataloader_num_workers=args.dataloader_num_workers,
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,
         bf16=args.bf16,
         use_cpu=not torch.cuda.is_available(),
         seed=args.seed,
         disable_tqdm=True,
         **grouping,
     )
+    # Real and padded samples of the micro-batches since the last optimizer step.
+    audio = {"real": 0, "padded": 0}
+    steps: list[dict[str, Any]] = []
+    losses: dict[int, float] = {}
 
-    class PhaseCallback(TrainerCallback):
+    class AudioCountingTrainer(Trainer):
+        """Counts each batch's audio from its attention mask, still on the host."""
+
+        def training_step(self, model: Any, inputs: dict[str, Any], *rest: Any, **kw: Any) -> Any:
+            audio["real"] += int(inputs["attention_mask"].sum())
+            audio["padded"] += inputs["attention_mask"].numel()
+            return super().training_step(model, inputs, *rest, **kw)
+
+    class StepRecorder(TrainerCallback):
+        """Each optimizer step's time and audio; the startup phases up to the first step."""
+
         def on_train_begin(self, *_: Any, **__: Any) -> None:
             clock.mark("train_begin")
+            self.last = time.perf_counter()
 
-        def on_step_end(self, _: Any, state: Any, control: Any, **__: Any) -> None:
+        def on_step_end(self, _: Any, state: Any, __: Any, **___: Any) -> None:
+            now = time.perf_counter()
+            step_time, self.last = now - self.last, now
+            steps.append(
+                {
+                    "step": state.global_step,
+                    "step_time": step_time,
+                    "audio_seconds_per_second": audio["real"] / SAMPLING_RATE / step_time,
+                    "padding_fraction": 1 - audio["real"] / audio["padded"],
+                }
+            )
+            audio.update(real=0, padded=0)
             if state.global_step == 1:
                 clock.mark("first_optimizer_step")
-                control.should_training_stop = True
 
-    trainer = Trainer(
+        def on_log(self, _: Any, state: Any, __: Any, logs: Any = None, **___: Any) -> None:
+            if logs and "loss" in logs:
+                losses[state.global_step] = logs["loss"]
+
+    trainer = AudioCountingTrainer(
         model=model,
         args=training_args,
-        data_collator=CTCPaddingCollator(processor.feature_extractor, processor.tokenizer),
-        train_dataset=vectorized,
+        data_collator=CTCPaddingCollator(processor),
+        train_dataset=train_set,
         processing_class=processor.feature_extractor,
-        callbacks=[PhaseCallback()],
+        callbacks=[StepRecorder()],
     )
     clock.mark("trainer_init")
     trainer.train()
+    cuda = torch.cuda.is_available()
     return {
         "phases": clock.phases,
         "total": sum(clock.phases.values()),
-        "rows": len(vectorized),
-        "audio_hours": sum(vectorized["input_length"]) / SAMPLING_RATE / 3600,
-        "vocab_size": len(vocab),
-        "datasets_version": datasets.__version__,
+        # No phase follows the first step, so the last mark is its end.
+        "first_step_unix": clock.last,
+        "records": [{**step, "loss": losses.get(step["step"], float("nan"))} for step in steps],
+        "rows": len(train_set),
+        "audio_hours": sum(lengths) / SAMPLING_RATE / 3600,
+        "max_memory_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "optimizer": str(training_args.optim),
     }
+
+
+def run_job(
+    work: Path,
+    label: str,
+    options: list[str],
+    environment: dict[str, str] | None = None,
+    torchrun: bool = False,
+    wait_for_idle: float = 0.0,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """This script in a fresh process (under `torchrun --standalone`, 1 rank, if asked) with its
+    output in work/label, then removed; (its result, its process tree's summary)."""
+    from benchmarks import harness
+
+    output = work / label
+    shutil.rmtree(output, ignore_errors=True)
+    command = [sys.executable, "-m"]
+    if torchrun:
+        command += ["torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m"]
+    command += ["benchmarks.hf_trainer_baseline", "--output_dir", str(output), *options]
+    try:
+        return harness.run_job(command, work, label, environment, wait_for_idle)
+    finally:
+        shutil.rmtree(output, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     result = run(args)
-    args.result.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    if int(os.environ.get("RANK", "0")) == 0:
+        args.result.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return 0
 
 

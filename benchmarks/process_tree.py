@@ -1,20 +1,15 @@
 """Peak memory and CPU time of a process together with all of its descendants.
 
-Ray runs a driver, gcs_server, raylet, agents and one worker per core; `datasets.map(num_proc=N)`
-forks N workers. Their memory only means something summed, and the sum has to be taken at one
-instant (summing per-process peaks would add peaks that never coincided), so a background thread
-samples the whole tree at a fixed interval.
+Ray runs a driver, GCS, raylet, dashboard, other daemons and one worker per core;
+`datasets.map(num_proc=N)` forks N workers. Their memory only means something summed at one
+instant (per-process peaks never coincide), so a background thread samples the whole tree.
 
-Two sums are kept. RSS counts every resident page in each process that maps it, so shared pages
-(the forked parent's heap, shared libraries, Ray's object store in /dev/shm) are counted once per
-process: an upper bound. PSS charges each shared page 1/n to each of its n users, so the PSS sum
-is the tree's real footprint; it is the headline figure, RSS is kept for comparison.
-
-Reading PSS makes the kernel walk every page table (/proc/PID/smaps_rollup, ~1.5 ms per Ray
-process), which would steal a noticeable share of a small machine from the work being measured.
-So RSS (from /proc/PID/statm, ~15 µs) is sampled every interval and PSS only when the RSS sum
-rises 5 % above where PSS was last read, or once per `pss_interval_seconds`: the PSS peak is
-taken within 5 % of where the memory peak is, at a fraction of the cost.
+RSS counts a shared page (forked heaps, libraries, Ray's object store in /dev/shm) once per
+process that maps it: an upper bound. PSS charges it 1/n to each of its n users, so the PSS sum
+is the tree's real footprint and the headline figure. Reading PSS walks every page table
+(~1.5 ms per Ray process), so RSS (~15 µs) is read every interval and PSS only when the RSS sum
+grew 5 % since PSS was last read, or every 2 s: the PSS peak is taken within
+5 % of the memory peak at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -23,227 +18,192 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import psutil
 
 # PSS is read again once the RSS sum has grown this much since the last PSS reading.
 PSS_RESAMPLE_GROWTH = 1.05
+PSS_INTERVAL_SECONDS = 2.0
+# A measurement where other work took more of the machine's CPU capacity than this is rerun.
+TOLERATED_DISTURBANCE = 0.08
+FORKS = "forks of the driver"
 
 
-@dataclass
-class _SeenProcess:
-    kind: str
-    cpu_seconds: float = 0.0
+def machine_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-@dataclass
-class ProcessTreeSampler:
-    """Samples `root_pid` and its descendants every `interval_seconds` until stopped.
+def process_group(process: psutil.Process, root_pid: int, root_cmdline: list[str]) -> str:
+    """The group a process's CPU time and memory are reported under.
 
-    Use as a context manager around the work. CPU time per process is the last value seen, so
-    a process that exits between samples loses at most one interval of CPU time.
+    Ray's: driver, ray workers, raylet, GCS, dashboard (with its agent), other Ray daemons;
+    forks of the driver (datasets' map workers, DataLoader workers); anything else by script.
+    """
+    if process.pid == root_pid:
+        return "driver"
+    name, cmdline = process.name(), process.cmdline()
+    command = " ".join(cmdline) or name  # a process exiting has no command line, only a name
+    if name in ("raylet", "gcs_server"):  # their command lines name the worker script too
+        return "raylet" if name == "raylet" else "GCS"
+    # Ray renames its workers "ray::IDLE" etc. only after they have started.
+    if "default_worker.py" in command or (command.startswith("ray::") and "Agent" not in command):
+        return "ray workers"
+    if "dashboard" in command.lower():
+        return "dashboard"
+    if cmdline == root_cmdline:
+        return FORKS
+    if "/ray/" in command or command.startswith("ray::"):
+        return "other Ray daemons"
+    scripts = [os.path.basename(part) for part in cmdline if part.endswith(".py")]
+    return scripts[0] if scripts else name
+
+
+class _TreeSampler(threading.Thread):
+    """Samples `root_pid` and its descendants every `interval_seconds` until `stop` is set.
+
+    CPU time per process is the last value seen: a process that exits between samples loses at
+    most one interval of it.
     """
 
-    root_pid: int
-    interval_seconds: float = 0.1
-    pss_interval_seconds: float = 2.0
-    peak_rss_bytes: int = 0
-    peak_pss_bytes: int = 0
-    peak_processes: int = 0
-    peak_pss_by_kind: dict[str, int] = field(default_factory=dict)
-    samples: int = 0
-    pss_samples: int = 0
-    _seen: dict[int, _SeenProcess] = field(default_factory=dict)
-    _last_pss_time: float = float("-inf")
-    _last_pss_rss: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-    _system_busy_start: float = 0.0
-    _system_busy_seconds: float = 0.0
-    _sampler_cpu_seconds: float = 0.0
+    def __init__(self, root_pid: int, interval_seconds: float) -> None:
+        super().__init__(name="process-tree-sampler", daemon=True)
+        self.root_pid, self.interval_seconds, self.stop = (
+            root_pid,
+            interval_seconds,
+            threading.Event(),
+        )
+        self.peak = {"rss": 0, "pss": 0, "processes": 0, "samples": 0, "pss_samples": 0}
+        self.peak_pss_by_kind: dict[str, int] = {}
+        self.cpu_seconds: dict[int, tuple[str, float]] = {}  # pid: (group, CPU seconds)
+        self.last_pss = (float("-inf"), 0)  # when PSS was last read, and the RSS sum then
+        self.own_cpu_seconds = 0.0
 
-    def __enter__(self) -> ProcessTreeSampler:
-        self._system_busy_start = _system_busy_cpu_seconds()
-        self._thread = threading.Thread(target=self._run, name="process-tree-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._system_busy_seconds = _system_busy_cpu_seconds() - self._system_busy_start
-
-    def _run(self) -> None:
+    def run(self) -> None:
         started = time.thread_time()
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.interval_seconds)
-        self._sample()
-        self._sampler_cpu_seconds = time.thread_time() - started
+        while not self.stop.is_set():
+            self.sample()
+            self.stop.wait(self.interval_seconds)
+        self.sample()
+        self.own_cpu_seconds = time.thread_time() - started
 
-    def _kind(self, process: psutil.Process, root_cmdline: list[str]) -> str:
-        """Groups processes for the CPU breakdown: Ray workers by role, daemons by name."""
-        if process.pid == self.root_pid:
-            return "driver"
-        name = process.name()
-        cmdline = process.cmdline()
-        # Ray renames its workers "ray::IDLE" etc. only after they have started.
-        if "default_worker.py" in " ".join(cmdline) or (
-            cmdline and cmdline[0].startswith("ray::") and not cmdline[0].endswith("Agent")
-        ):
-            return "ray workers"
-        if cmdline == root_cmdline:
-            return "forks of the driver"
-        scripts = [os.path.basename(part) for part in cmdline if part.endswith(".py")]
-        return scripts[0] if name.startswith("python") and scripts else name
-
-    def _sample(self) -> None:
+    def sample(self) -> None:
         try:
             root = psutil.Process(self.root_pid)
-            processes = [root, *root.children(recursive=True)]
-            root_cmdline = root.cmdline()
+            processes, root_cmdline = [root, *root.children(recursive=True)], root.cmdline()
         except psutil.Error:
             return
-        rss = 0
-        alive = []
+        rss, alive = 0, []
         for process in processes:
             try:
                 rss += process.memory_info().rss
                 cpu = process.cpu_times()
-                seen = self._seen.get(process.pid)
-                if seen is None:
-                    seen = self._seen[process.pid] = _SeenProcess(self._kind(process, root_cmdline))
+                kind = self.cpu_seconds.get(process.pid, ("", 0.0))[0]
+                # A child seen between its fork and exec looks like a fork until it has exec'd;
+                # one exiting has no command line left to tell.
+                if not kind or (kind == FORKS and process.cmdline()):
+                    kind = process_group(process, self.root_pid, root_cmdline)
             except psutil.Error:
                 continue  # exited while being sampled
-            seen.cpu_seconds = cpu.user + cpu.system
-            alive.append((process, seen.kind))
-        self.samples += 1
-        self.peak_processes = max(self.peak_processes, len(alive))
-        now = time.monotonic()
-        if (
-            rss > PSS_RESAMPLE_GROWTH * self._last_pss_rss
-            or now - self._last_pss_time >= self.pss_interval_seconds
+            self.cpu_seconds[process.pid] = (kind, cpu.user + cpu.system)
+            alive.append((process, kind))
+        peak, now = self.peak, time.monotonic()
+        peak["samples"] += 1
+        peak["processes"], peak["rss"] = max(peak["processes"], len(alive)), max(peak["rss"], rss)
+        if rss > PSS_RESAMPLE_GROWTH * self.last_pss[1] or (
+            now - self.last_pss[0] >= PSS_INTERVAL_SECONDS
         ):
-            self._sample_pss(alive)
-            self._last_pss_time, self._last_pss_rss = now, rss
-        self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
-
-    def _sample_pss(self, processes: list[tuple[psutil.Process, str]]) -> None:
-        pss = 0
-        by_kind: dict[str, int] = {}
-        for process, kind in processes:
-            try:
-                process_pss = process.memory_full_info().pss
-            except psutil.Error:
-                continue
-            pss += process_pss
-            by_kind[kind] = by_kind.get(kind, 0) + process_pss
-        self.pss_samples += 1
-        if pss > self.peak_pss_bytes:
-            self.peak_pss_bytes, self.peak_pss_by_kind = pss, by_kind
-
-    def cpu_seconds_by_kind(self) -> dict[str, float]:
-        """CPU seconds (user + system) spent by each kind of process while sampled."""
-        totals: dict[str, float] = {}
-        for seen in self._seen.values():
-            totals[seen.kind] = totals.get(seen.kind, 0.0) + seen.cpu_seconds
-        return dict(sorted(totals.items(), key=lambda item: -item[1]))
-
-    def summary(self) -> dict[str, Any]:
-        """Everything measured, in units a JSON reader needs no code for (GiB, seconds)."""
-        tree_cpu_seconds = sum(self.cpu_seconds_by_kind().values())
-        return {
-            "peak_pss_gib": self.peak_pss_bytes / 2**30,
-            "peak_rss_gib": self.peak_rss_bytes / 2**30,
-            "peak_processes": self.peak_processes,
-            "pss_gib_by_kind_at_peak": {k: v / 2**30 for k, v in self.peak_pss_by_kind.items()},
-            "cpu_seconds_by_kind": self.cpu_seconds_by_kind(),
-            "sampler_cpu_seconds": self._sampler_cpu_seconds,
-            # Everything else the machine ran meanwhile: a large value means other work
-            # disturbed the timings.
-            "cpu_seconds_outside_tree": max(
-                0.0, self._system_busy_seconds - tree_cpu_seconds - self._sampler_cpu_seconds
-            ),
-            "samples": self.samples,
-            "pss_samples": self.pss_samples,
-            "interval_seconds": self.interval_seconds,
-        }
+            self.last_pss, by_kind = (now, rss), {}
+            for process, kind in alive:
+                with contextlib.suppress(psutil.Error):
+                    by_kind[kind] = by_kind.get(kind, 0) + process.memory_full_info().pss
+            peak["pss_samples"] += 1
+            if sum(by_kind.values()) > peak["pss"]:
+                peak["pss"], self.peak_pss_by_kind = sum(by_kind.values()), by_kind
 
 
-def _system_busy_cpu_seconds() -> float:
+def system_busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has been busy (Linux fields; steal is not its work)."""
     times = psutil.cpu_times()
-    # Linux fields; guest time is already inside user, steal is not this machine's work.
-    fields = ("user", "nice", "system", "irq", "softirq")
-    return sum(getattr(times, field, 0.0) for field in fields)
+    return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq"))
 
 
 def wait_sampled(process: psutil.Popen, interval_seconds: float = 0.1) -> dict[str, Any]:
-    """Waits for a started process while sampling its tree; returns the sampler's summary."""
-    started = time.perf_counter()
-    with ProcessTreeSampler(process.pid, interval_seconds) as sampler:
-        process.wait()
-    return {**sampler.summary(), "process_wall_seconds": time.perf_counter() - started}
+    """Waits for a started process while sampling its tree; everything seen, in GiB and seconds."""
+    started, busy = time.perf_counter(), -system_busy_cpu_seconds()
+    sampler = _TreeSampler(process.pid, interval_seconds)
+    sampler.start()
+    process.wait()
+    sampler.stop.set()
+    sampler.join()
+    wall, busy = time.perf_counter() - started, busy + system_busy_cpu_seconds()
+    by_kind: dict[str, float] = {}
+    for kind, seconds in sampler.cpu_seconds.values():
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds
+    peak = sampler.peak
+    return {
+        "peak_pss_gib": peak["pss"] / 2**30,
+        "peak_rss_gib": peak["rss"] / 2**30,
+        "peak_processes": peak["processes"],
+        "pss_gib_by_kind_at_peak": {k: v / 2**30 for k, v in sampler.peak_pss_by_kind.items()},
+        "cpu_seconds_by_kind": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
+        "sampler_cpu_seconds": sampler.own_cpu_seconds,
+        # Everything else the machine ran meanwhile: a large value means other work disturbed it.
+        "cpu_seconds_outside_tree": max(
+            0.0, busy - sum(by_kind.values()) - sampler.own_cpu_seconds
+        ),
+        # The machine's CPU capacity nobody used: what waiting and serial parts cost.
+        "cpu_seconds_idle": max(0.0, machine_cores() * wall - busy),
+        "process_wall_seconds": wall,
+        "samples": peak["samples"],
+        "pss_samples": peak["pss_samples"],
+        "interval_seconds": interval_seconds,
+    }
 
 
-def wait_until_idle(
-    max_wait_seconds: float, busy_fraction: float = 0.15, window_seconds: float = 2.0
-) -> float:
-    """Waits until the machine's CPU use over `window_seconds` drops below `busy_fraction`.
-
-    Timings on a machine shared with other work (tests, training) measure that work too. Gives
-    up after `max_wait_seconds`; returns the busy fraction last seen, for the results.
-    """
+def wait_until_idle(max_wait_seconds: float, busy_fraction: float = 0.15) -> float:
+    """Waits up to `max_wait_seconds` for the machine's CPU use to drop below `busy_fraction`
+    (timings on a shared machine measure other work too); returns the last busy fraction seen."""
     deadline = time.monotonic() + max_wait_seconds
     while True:
-        busy = psutil.cpu_percent(interval=window_seconds) / 100
+        busy = psutil.cpu_percent(interval=1.0) / 100
         if busy < busy_fraction or time.monotonic() >= deadline:
             return busy
 
 
-@contextlib.contextmanager
-def other_work_meter() -> Iterator[dict[str, float]]:
-    """Measures the CPU time the rest of the machine used while the block ran.
+def least_disturbed(
+    measure: Callable[[], dict[str, Any]], runs: int, wait_for_idle: float
+) -> dict[str, Any]:
+    """Runs `measure` until other work took at most 8 % of the machine's CPU, at most `runs` times.
 
-    Yields a dict that gets "cpu_seconds_outside_process": system-wide busy time minus this
-    process and its reaped children (DataLoader workers are reaped when the loader shuts down).
-    A large value means other work shared the cores and the timing is pessimistic.
+    Each run first waits up to `wait_for_idle` seconds for an idle machine. Other work is the
+    machine's busy time minus this process and its reaped children, or, for a result with a
+    process tree's summary under "memory" (Ray's daemons are not reaped here), the tree's figure.
+    Returns the least disturbed result, with every run's disturbance in "attempt_disturbances".
     """
 
     def own_cpu_seconds() -> float:
         times = psutil.Process().cpu_times()
         return times.user + times.system + times.children_user + times.children_system
 
-    result: dict[str, float] = {}
-    system_start, own_start = _system_busy_cpu_seconds(), own_cpu_seconds()
-    yield result
-    system = _system_busy_cpu_seconds() - system_start
-    result["cpu_seconds_outside_process"] = max(0.0, system - (own_cpu_seconds() - own_start))
-
-
-def run_least_disturbed(
-    measure: Callable[[], dict[str, Any]],
-    disturbance: Callable[[dict[str, Any]], float],
-    retries: int,
-    wait_for_idle: float,
-    tolerated_disturbance: float = 0.08,
-) -> dict[str, Any]:
-    """Runs `measure` until other work disturbed it little, at most `retries` extra times.
-
-    `disturbance` maps a result to the share of the machine's CPU capacity that other work
-    took during it. Each attempt waits for the machine to go idle first (up to
-    `wait_for_idle` seconds). Returns the least disturbed result, with every attempt's
-    disturbance under "attempt_disturbances" so the JSON shows what was thrown away.
-    """
     attempts = []
-    for _ in range(retries + 1):
-        busy_before = wait_until_idle(wait_for_idle, window_seconds=1.0)
-        result = {**measure(), "machine_busy_before": busy_before}
-        attempts.append((disturbance(result), result))
-        if attempts[-1][0] <= tolerated_disturbance:
+    for _ in range(max(1, runs)):
+        busy_before = wait_until_idle(wait_for_idle)
+        system, own, started = system_busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
+        result = measure()
+        system, own = system_busy_cpu_seconds() - system, own_cpu_seconds() - own
+        result |= {
+            "machine_busy_before": busy_before,
+            "metered_seconds": time.perf_counter() - started,
+        }
+        result["cpu_seconds_outside_process"] = max(0.0, system - own)
+        tree = result.get("memory", {})
+        other = tree.get("cpu_seconds_outside_tree", result["cpu_seconds_outside_process"])
+        wall = tree.get("process_wall_seconds", result["metered_seconds"])
+        attempts.append((other / (wall * machine_cores()), result))
+        if attempts[-1][0] <= TOLERATED_DISTURBANCE:
             break
     least, best = min(attempts, key=lambda attempt: attempt[0])
     return {**best, "disturbance": least, "attempt_disturbances": [a[0] for a in attempts]}

@@ -1,11 +1,10 @@
 """Renders every benchmarks/results/*.json as one Markdown table: RESULTS.md and the README.
 
-Works for any result that follows the schema in benchmarks/benchmark_results.py (a top-level
-"rows" list and a "machine"), so benchmarks added later need no change here. Files that do not
-follow it are skipped with a warning; quick smoke-run results are skipped unless asked for.
-
-README.md is only touched between the lines ``<!-- results:start -->`` and
-``<!-- results:end -->``, and only if both exist; the README gets the headline rows only.
+Works for any result that follows the schema in benchmarks/benchmark_results.py (a "rows" list
+and a "machine"); files that do not are skipped with a warning, quick smoke runs unless asked
+for. Each row shows ours, its anchor measured in the same run, the ratio and the machine.
+README.md is only touched between ``<!-- results:start -->`` and ``<!-- results:end -->`` and
+gets the headline rows only.
 
     python -m benchmarks.update_readme_table
 """
@@ -23,7 +22,8 @@ from benchmarks.benchmark_results import REPO_ROOT, RESULTS_DIR, machine_summary
 
 START_MARKER = "<!-- results:start -->"
 END_MARKER = "<!-- results:end -->"
-COLUMNS = ("Benchmark", "What is compared", "Ours", "Other", "Ours / other", "Machine")
+COLUMNS = ("Benchmark", "What is compared", "Ours", "Anchor", "Ours / anchor", "Machine")
+Results = list[tuple[Path, dict[str, Any]]]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -31,17 +31,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m benchmarks.update_readme_table", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--results_dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument(
-        "--results_md", type=Path, default=RESULTS_DIR.parent / "RESULTS.md", help="written always"
-    )
-    parser.add_argument(
-        "--readme", type=Path, default=REPO_ROOT / "README.md", help="updated between markers"
-    )
+    parser.add_argument("--results_md", type=Path, default=RESULTS_DIR.parent / "RESULTS.md")
+    parser.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md")
     parser.add_argument("--include_quick", action="store_true", help="also list --quick runs")
     return parser.parse_args(argv)
 
 
-def load_results(results_dir: Path, include_quick: bool) -> list[tuple[Path, dict[str, Any]]]:
+def load_results(results_dir: Path, include_quick: bool) -> Results:
     """Readable results with a rows list, sorted by file name."""
     results = []
     for path in sorted(results_dir.glob("*.json")):
@@ -52,10 +48,8 @@ def load_results(results_dir: Path, include_quick: bool) -> list[tuple[Path, dic
             continue
         if not isinstance(document, dict) or not isinstance(document.get("rows"), list):
             print(f"skipping {path}: no 'rows' list", file=sys.stderr)
-            continue
-        if document.get("quick") and not include_quick:
-            continue
-        results.append((path, document))
+        elif include_quick or not document.get("quick"):
+            results.append((path, document))
     return results
 
 
@@ -63,21 +57,17 @@ def format_number(value: Any) -> str:
     """Three significant digits, thousands separated; anything non-numeric as text."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return "–" if value is None else str(value)
-    magnitude = abs(value)
-    if magnitude >= 100:
+    if abs(value) >= 100:
         return f"{value:,.0f}"
-    if magnitude >= 10:
-        return f"{value:.1f}"
-    return f"{value:.3g}"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
 
 
 def format_ratio(row: dict[str, Any]) -> str:
-    """ours / other, marked lead or trail according to higher_is_better."""
-    ratio = row.get("ratio")
-    ours, other = row.get("ours"), row.get("baseline")
-    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (ours, other))
-    if ratio is None and numeric and other:
-        ratio = ours / other
+    """ours / anchor, marked lead or trail according to higher_is_better."""
+    ratio, ours, anchor = row.get("ratio"), row.get("ours"), row.get("baseline")
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (ours, anchor))
+    if ratio is None and numeric and anchor:
+        ratio = ours / anchor
     if not isinstance(ratio, int | float):
         return "–"
     higher_is_better = row.get("higher_is_better")
@@ -87,13 +77,7 @@ def format_ratio(row: dict[str, Any]) -> str:
     return f"{ratio:.2f} ({'lead' if leads else 'trail'})"
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def render_table(
-    results: list[tuple[Path, dict[str, Any]]], headline_only: bool, link_base: Path
-) -> str:
+def render_table(results: Results, headline_only: bool, link_base: Path) -> str:
     """Markdown table, one line per row; links to the JSON files relative to `link_base`."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for path, document in results:
@@ -105,45 +89,46 @@ def render_table(
             if not isinstance(row, dict) or (headline_only and not row.get("headline", True)):
                 continue
             unit = f" {row['unit']}" if row.get("unit") else ""
-            compared = f"{row.get('metric', '?')}; other = {row.get('baseline_name', '?')}"
             cells = (
                 f"[{name}]({link})",
-                compared,
+                f"{row.get('metric', '?')}; anchor = {row.get('baseline_name', '?')}",
                 format_number(row.get("ours")) + unit,
                 format_number(row.get("baseline")) + unit,
                 format_ratio(row),
                 machine_text,
             )
-            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+            cells = tuple(c.replace("|", "\\|").replace("\n", " ") for c in cells)
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def render_results_md(results: list[tuple[Path, dict[str, Any]]], results_md: Path) -> str:
+def render_results_md(results: Results, results_md: Path) -> str:
     """The full page: every row, then each benchmark's command, notes and plot."""
     base = results_md.parent
     parts = [
         "# Benchmark results\n",
         "Generated by `python -m benchmarks.update_readme_table` from `benchmarks/results/*.json`;"
-        " edit those (by rerunning the benchmarks), not this file. Ratios are ours / other; "
-        "'lead' or 'trail' accounts for whether higher or lower is better.\n",
+        " rerun the benchmarks rather than editing it. Each row compares ours with its anchor "
+        "measured in the same run; 'lead' or 'trail' accounts for whether higher or lower is "
+        "better.\n",
         render_table(results, headline_only=False, link_base=base),
     ]
     for path, document in results:
         name = document.get("benchmark") or path.stem
         parts.append(f"## {document.get('title') or name} (`{path.name}`)\n")
         facts = [
-            f"- command: `{document['command_line']}`" if document.get("command_line") else "",
-            f"- commit: `{document['git_commit']}`" if document.get("git_commit") else "",
-            f"- measured: {document['created_utc']}" if document.get("created_utc") else "",
+            ("command", document.get("command_line"), "`"),
+            ("commit", document.get("git_commit"), "`"),
+            ("measured", document.get("created_utc"), ""),
         ]
-        parts.append("\n".join(f for f in facts if f) + "\n")
-        notes = document.get("notes") or []
-        if notes:
-            parts.append("\n".join(f"- {note}" for note in notes) + "\n")
+        lines = [f"- {label}: {quote}{value}{quote}" for label, value, quote in facts if value]
+        lines += [f"- {note}" for note in document.get("notes") or []]
+        parts.append("\n".join(lines) + "\n")
         plot = document.get("plot")
         if plot and (path.parent / plot).exists():
-            link = Path(os.path.relpath(path.parent / plot, base)).as_posix()
-            parts.append(f"![{name}]({link})\n")
+            parts.append(
+                f"![{name}]({Path(os.path.relpath(path.parent / plot, base)).as_posix()})\n"
+            )
     return "\n".join(parts)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import soundfile
 
-from benchmarks.benchmark_inputs import make_corpus, manifest_audio_files
+from benchmarks.harness import make_corpus, manifest_audio_files
 
 SAMPLING_RATE = 16_000
 

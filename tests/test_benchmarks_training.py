@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from benchmark_checks import assert_rows, corpus_clips_and_seconds, resampled_seconds
 
-from benchmarks import hf_trainer_baseline, startup_time, training_throughput
+from benchmarks import harness, hf_trainer_baseline, startup_time, training_throughput
 from preprocess.shard_format import ShardDataset
 
 ROW_KEYS = {"metric", "ours", "baseline", "baseline_name", "ratio", "unit", "higher_is_better"}
@@ -27,8 +27,8 @@ HF_PHASES = [
     "imports",
     "load_dataset",
     "text_and_vocab",
-    "model_build",
     "map_decode_resample_features",
+    "model_build",
     "trainer_init",
     "train_begin",
     "first_optimizer_step",
@@ -66,9 +66,14 @@ def test_startup_time_quick(tmp_path, work_dir) -> None:
     assert startup_time.main([*argv, "--output_dir", str(tmp_path)]) == 0
 
     document = read_quick_result(tmp_path, "startup_time")
-    cold_name, warm_name = startup_time.SYSTEMS["hf_cold"], startup_time.SYSTEMS["hf_warm"]
+    systems = startup_time.SYSTEMS
     headline_rows = [row for row in document["rows"] if row["headline"]]
-    assert [row["baseline_name"] for row in headline_rows] == [cold_name, warm_name]
+    planning_name = "HF LengthGroupedSampler, batch size "
+    assert [row["baseline_name"] for row in headline_rows][:3] == [
+        systems["hf_cold"],
+        systems["hf_warm"],
+        systems["hf_torchrun"],
+    ]
     (size,) = document["details"]["sizes"]
     clips, corpus_seconds = corpus_clips_and_seconds(work_dir, 0.02, 0.02)
     assert size["hours"] == 0.02 and size["clips"] == clips
@@ -80,20 +85,35 @@ def test_startup_time_quick(tmp_path, work_dir) -> None:
     assert size["preprocess_seconds_not_counted"] == pytest.approx(
         sum(run["wall_seconds"] for run in preprocess_runs)
     )
-    for system, phases in [("ours", OURS_PHASES), ("hf_cold", HF_PHASES), ("hf_warm", HF_PHASES)]:
+    phases = {"ours": OURS_PHASES, "hf_cold": HF_PHASES, "hf_warm": HF_PHASES}
+    # The launcher commands are timed from launch: their first phase is the launcher's own.
+    phases |= {"ours_launcher": ["launcher", *OURS_PHASES], "hf_torchrun": ["launcher", *HF_PHASES]}
+    assert list(size["runs"]) == list(systems)
+    for system, expected_phases in phases.items():
         (run,) = size["runs"][system]
-        assert list(run["phases"]) == phases
+        assert list(run["phases"]) == expected_phases
         assert all(seconds >= 0 for seconds in run["phases"].values())
         assert run["total"] == pytest.approx(sum(run["phases"].values()))
         assert run["total"] > 0
-        # The phases start at process creation, a moment after Popen; exit comes after them.
+        # The phases start at process creation or launch, a moment after Popen; exit comes after.
         assert run["wall_seconds"] > run["total"] - 0.5
-    cold, warm = size["runs"]["hf_cold"][0], size["runs"]["hf_warm"][0]
-    # The warm run found everything the cold one wrote; the HF side trained on the same audio.
-    assert cold["cache_arrow_files_written"] > 0 and warm["cache_arrow_files_written"] == 0
-    for run in (cold, warm):
+    # Going through a launcher costs something.
+    assert size["runs"]["ours_launcher"][0]["phases"]["launcher"] > 0
+    assert size["runs"]["hf_torchrun"][0]["phases"]["launcher"] > 0
+    cold, warm, torchrun = (
+        size["runs"][system][0] for system in ("hf_cold", "hf_warm", "hf_torchrun")
+    )
+    # The warm runs found everything the cold one wrote; the HF side trained on the same audio.
+    assert cold["cache_arrow_files_written"] > 0
+    assert warm["cache_arrow_files_written"] == torchrun["cache_arrow_files_written"] == 0
+    for run in (cold, warm, torchrun):
         assert run["rows"] == size["clips"]
         assert run["audio_hours"] == pytest.approx(size["audio_hours"], rel=1e-3)
+
+    planning = document["details"]["planning"]
+    assert planning["utterances"] == 200_000 and planning["ranks"] == 64
+    for side in ("ours", "hf"):
+        assert planning[side]["seconds"] > 0 and planning[side]["peak_extra_gib"] >= 0
 
     # The table from the phases each run recorded, the fastest round of each system.
     total = {
@@ -101,15 +121,27 @@ def test_startup_time_quick(tmp_path, work_dir) -> None:
         for system, runs in size["runs"].items()
     }
     metric = "launch to first optimizer step, 0.02 h corpus"
+    launcher = "launcher command to first optimizer step, 0.02 h corpus"
     first_launch = "first launch incl. ours' one-off preprocessing, 0.02 h corpus"
+    where = f"{planning['hours']:,.0f} h (0.2 M utterances), 64 ranks"
+    planning_anchor = planning_name + str(planning["hf_batch_size"])
     assert_rows(
         document,
         {
-            (metric, cold_name): (total["ours"], total["hf_cold"]),
-            (metric, warm_name): (total["ours"], total["hf_warm"]),
-            (first_launch, cold_name): (
+            (metric, systems["hf_cold"]): (total["ours"], total["hf_cold"]),
+            (metric, systems["hf_warm"]): (total["ours"], total["hf_warm"]),
+            (launcher, systems["hf_torchrun"]): (total["ours_launcher"], total["hf_torchrun"]),
+            (first_launch, systems["hf_cold"]): (
                 total["ours"] + size["preprocess_seconds_not_counted"],
                 total["hf_cold"],
+            ),
+            (f"batch planning, {where}", planning_anchor): (
+                planning["ours"]["seconds"],
+                planning["hf"]["seconds"],
+            ),
+            (f"peak extra memory of batch planning, {where}", planning_anchor): (
+                planning["ours"]["peak_extra_gib"],
+                planning["hf"]["peak_extra_gib"],
             ),
         },
     )
@@ -184,16 +216,15 @@ def test_step_statistics_weighs_steps_by_their_time() -> None:
     ]
     for record in records[:3]:
         record["padding_fraction"] = 0.1
-    statistics = training_throughput.step_statistics(records, warmup_steps=1)
+    statistics = harness.step_statistics(records, warmup_steps=1)
     assert statistics["measured_steps"] == 2
     assert statistics["audio_seconds_per_second"] == pytest.approx((10 + 90) / 4)
     assert statistics["median_step_time"] == pytest.approx(2.0)
     with pytest.raises(RuntimeError):
-        training_throughput.step_statistics(records, warmup_steps=3)
+        harness.step_statistics(records, warmup_steps=3)
 
 
-def test_training_throughput_rejects_mismatched_batch_budgets() -> None:
+def test_training_throughput_rejects_mismatched_batch_budgets(tmp_path) -> None:
+    argv = ["--presets", "tiny", "base", "--max_batch_seconds", "1", "2", "3"]
     with pytest.raises(SystemExit):
-        training_throughput.parse_args(
-            ["--presets", "tiny", "base", "--max_batch_seconds", "1", "2", "3"]
-        )
+        training_throughput.main([*argv, "--output_dir", str(tmp_path)])

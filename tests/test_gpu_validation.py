@@ -24,9 +24,8 @@ def test_dry_run_measures_both_systems_and_skips_the_gpu_tests(tmp_path) -> None
     document = json.loads((tmp_path / "gpu_validation-quick.json").read_text(encoding="utf-8"))
     assert document["quick"] is True and "--dry_run" in document["command_line"]
     details = document["details"]
-    environment = details["environment"]
-    assert environment["device"]["kind"] == "cpu"
-    assert all(environment["versions"][p] for p in ("torch", "transformers", "deepspeed"))
+    assert details["device"]["kind"] == "cpu"
+    assert all(document["machine"]["packages"][p] for p in ("torch", "transformers", "deepspeed"))
     tests = details["tests"]
     assert tests["returncode"] == 0 and not tests["timed_out"]
     assert tests["skipped"] > 0 and tests["passed"] == tests["failed"] == tests["errors"] == 0
