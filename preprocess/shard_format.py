@@ -372,6 +372,18 @@ def remove_unreferenced(output_dir: str, metadata: dict[str, Any] | None) -> lis
     return removed
 
 
+def _numpy_view(column: pa.Array | pa.ChunkedArray, dtype: type) -> np.ndarray:
+    """A null-free primitive column as NumPy, without pyarrow's to_numpy.
+
+    to_numpy imports pandas on first use (a quarter of a second, before the first step).
+    """
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = np.dtype(dtype).itemsize
+    if array.null_count or array.type.bit_width != 8 * width:
+        raise ValueError(f"column of type {array.type} is not {np.dtype(dtype)}")
+    return np.frombuffer(array.buffers()[1], dtype, len(array), array.offset * width)
+
+
 class ShardDataset:
     """Random access to a dataset directory through memory maps.
 
@@ -406,12 +418,13 @@ class ShardDataset:
             self.length_index = ipc.open_file(source).read_all()
         shard_codes = self.length_index.column("shard").combine_chunks().dictionary_encode()
         self._shard_names: list[str] = shard_codes.dictionary.to_pylist()
-        self._shard_of_row = shard_codes.indices.to_numpy()
-        self._row_in_shard = self.length_index.column("row").to_numpy()
-        self.num_samples: np.ndarray = self.length_index.column("num_samples").to_numpy()
-        self.text_lengths: np.ndarray = self.length_index.column("text_length").to_numpy()
-        self.audio_mean: np.ndarray = self.length_index.column("audio_mean").to_numpy()
-        self.audio_std: np.ndarray = self.length_index.column("audio_std").to_numpy()
+        self._shard_of_row = _numpy_view(shard_codes.indices, np.int32)
+        column = self.length_index.column
+        self._row_in_shard = _numpy_view(column("row"), np.int64)
+        self.num_samples: np.ndarray = _numpy_view(column("num_samples"), np.int64)
+        self.text_lengths: np.ndarray = _numpy_view(column("text_length"), np.int32)
+        self.audio_mean: np.ndarray = _numpy_view(column("audio_mean"), np.float64)
+        self.audio_std: np.ndarray = _numpy_view(column("audio_std"), np.float64)
         self._open_shards: dict[int, _MappedShard] = {}
 
     def __len__(self) -> int:
@@ -422,15 +435,26 @@ class ShardDataset:
         return float(self.num_samples.sum()) / self.sampling_rate / 3600
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        shard_code = int(self._shard_of_row[index])
-        shard = self._open_shards.get(shard_code)
-        if shard is None:
-            shard = _MappedShard(os.path.join(self.path, self._shard_names[shard_code]))
-            self._open_shards[shard_code] = shard
-        item = shard.row(int(self._row_in_shard[index]))
-        item["audio_mean"] = float(self.audio_mean[index])
-        item["audio_std"] = float(self.audio_std[index])
-        return item
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A batch of rows at once (torch's DataLoader calls this for a whole batch)."""
+        items = []
+        for code, row, mean, std in zip(
+            self._shard_of_row[indices].tolist(),
+            self._row_in_shard[indices].tolist(),
+            self.audio_mean[indices].tolist(),
+            self.audio_std[indices].tolist(),
+            strict=True,
+        ):
+            shard = self._open_shards.get(code)
+            if shard is None:
+                shard = _MappedShard(os.path.join(self.path, self._shard_names[code]))
+                self._open_shards[code] = shard
+            item = shard.row(row)
+            item["audio_mean"], item["audio_std"] = mean, std
+            items.append(item)
+        return items
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for index in range(len(self)):
@@ -442,26 +466,33 @@ class ShardDataset:
 
 
 class _MappedShard:
-    """One memory-mapped shard file with its record batches' offsets resolved once."""
+    """One memory-mapped shard file, resolved once into per-row Python lookups.
+
+    Reading a row then costs list indexing and one NumPy slice: the loader reads every row of
+    every epoch, and Arrow scalar conversions per row would cost more than copying its audio.
+    """
 
     def __init__(self, path: str) -> None:
         self._source = pa.memory_map(path)
         reader = ipc.open_file(self._source)
-        self._batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
-        self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])
-        self._audio = [
-            (b.column("audio").offsets.to_numpy(), b.column("audio").values.to_numpy())
-            for b in self._batches
-        ]
+        batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        self._values = [_numpy_view(b.column("audio").values, np.float32) for b in batches]
+        self._batch: list[int] = []
+        self._begin: list[int] = []
+        self._end: list[int] = []
+        for number, batch in enumerate(batches):
+            offsets = _numpy_view(batch.column("audio").offsets, np.int64).tolist()
+            self._batch += [number] * batch.num_rows
+            self._begin += offsets[:-1]
+            self._end += offsets[1:]
+        self._ids = [i for b in batches for i in b.column("id").to_pylist()]
+        self._texts = [t for b in batches for t in b.column("text").to_pylist()]
+        self._sentences = [t for b in batches for t in b.column("sentence").to_pylist()]
 
     def row(self, row: int) -> dict[str, Any]:
-        batch_index = int(np.searchsorted(self._starts, row, side="right")) - 1
-        local = row - int(self._starts[batch_index])
-        batch = self._batches[batch_index]
-        offsets, values = self._audio[batch_index]
         return {
-            "id": batch.column("id")[local].as_py(),
-            "audio": values[offsets[local] : offsets[local + 1]],
-            "text": batch.column("text")[local].as_py(),
-            "sentence": batch.column("sentence")[local].as_py(),
+            "id": self._ids[row],
+            "audio": self._values[self._batch[row]][self._begin[row] : self._end[row]],
+            "text": self._texts[row],
+            "sentence": self._sentences[row],
         }

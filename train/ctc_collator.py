@@ -79,16 +79,19 @@ class CTCCollator:
             values[row, audio.shape[0] :] = 0.0
 
         label_ids = [encode_transcript(item["text"], self.vocab) for item in items]
-        target_lengths = torch.tensor([len(ids) for ids in label_ids], dtype=torch.int64)
-        labels = torch.full((len(items), int(target_lengths.max())), LABEL_PAD, dtype=torch.int64)
-        for row, ids in enumerate(label_ids):
-            labels[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        lengths = np.fromiter(map(len, label_ids), dtype=np.int64, count=len(items))
+        labels = np.full((len(items), int(lengths.max())), LABEL_PAD, dtype=np.int64)
+        # Row-major order of the mask is the order of the concatenated ids.
+        labels[np.arange(labels.shape[1]) < lengths[:, None]] = np.fromiter(
+            (label for ids in label_ids for label in ids), dtype=np.int64, count=int(lengths.sum())
+        )
+        target_lengths = torch.from_numpy(lengths)
 
         input_lengths = torch.tensor([audio.shape[0] for audio in audios], dtype=torch.int64)
         batch = {
             "input_values": input_values,
             "input_lengths": input_lengths,
-            "labels": labels,
+            "labels": torch.from_numpy(labels),
             "target_lengths": target_lengths,
         }
         if self.return_attention_mask:
