@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ class CTCCollator:
         labels = np.full((len(items), int(lengths.max())), LABEL_PAD, dtype=np.int64)
         # Row-major order of the mask is the order of the concatenated ids.
         labels[np.arange(labels.shape[1]) < lengths[:, None]] = np.fromiter(
-            (label for ids in label_ids for label in ids), dtype=np.int64, count=int(lengths.sum())
+            itertools.chain.from_iterable(label_ids), dtype=np.int64, count=int(lengths.sum())
         )
         target_lengths = torch.from_numpy(lengths)
 
