@@ -51,7 +51,7 @@ class ArrowShardDatasink(Datasink[dict[str, Any]]):
             table = BlockAccessor.for_block(block).to_arrow()
             input_seconds += sum(table.column("input_seconds").to_pylist())
             rejected = table.column("reject_reason").is_valid()
-            for row in table.filter(rejected).select(list(REJECT_COLUMNS)).to_pylist():
+            for row in table.select(list(REJECT_COLUMNS)).filter(rejected).to_pylist():
                 rejects.append(
                     {
                         "id": row["id"],
@@ -60,7 +60,10 @@ class ArrowShardDatasink(Datasink[dict[str, Any]]):
                         "detail": row["reject_detail"],
                     }
                 )
-            accepted = table.filter(pc.invert(rejected)).select(self.schema.names)
+            # Filtering copies every column, audio included: only when something was rejected.
+            if pc.any(rejected).as_py():
+                table = table.filter(pc.invert(rejected))
+            accepted = table.select(self.schema.names)
             for batch in accepted.cast(self.schema).to_batches():
                 writer.write(batch)
         shards = [asdict(shard) for shard in writer.close()]
