@@ -1,13 +1,12 @@
 """Padding and batches at equal memory: random, HF LengthGroupedSampler, ours.
 
-The budget is padded audio per batch, batch size × longest utterance in seconds, which a
-wav2vec2 batch's activation memory grows with. Per budget, on the demo corpus's lengths and on
-Common Voice-like ones, epochs averaged (the largest batch: the maximum):
+The budget is padded audio per batch (batch size × longest utterance), which a wav2vec2 batch's
+activation memory grows with. Per budget, on the demo corpus's lengths and on Common Voice-like
+ones, epochs averaged (the largest batch: the maximum):
 
 * random: shuffled utterances packed greedily while the padded batch fits the budget.
-* HF LengthGroupedSampler, as Trainer(group_by_length=True) uses it (mega-batches of min(50,
-  n // (4 × batch size)) batches sorted by length, cut into fixed-size batches), at two batch
-  sizes: "mean-matched", the largest whose mean padded seconds per batch fit the budget (single
+* HF LengthGroupedSampler, as Trainer(group_by_length=True) uses it, at two batch sizes:
+  "mean-matched", the largest whose mean padded seconds per batch fit the budget (single
   batches overshoot it), the anchor for padding and the largest batch; "memory-safe", budget //
   longest utterance, which never does, the anchor for batches per epoch.
 * ours: DurationBucketSampler(max_batch_seconds=budget), never over the budget either.
@@ -27,7 +26,7 @@ import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from benchmarks import harness
-from benchmarks.benchmark_results import finish, result_row
+from benchmarks.benchmark_results import figure_rows, finish
 from benchmarks.harness import SAMPLING_RATE
 from train.duration_bucket_sampler import DurationBucketSampler
 
@@ -51,7 +50,6 @@ COMPARISONS = (
 def own_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[100.0, 200.0], help="s")
     parser.add_argument("--cv_utterances", type=int, default=10_000, help="Common Voice-like")
-    parser.add_argument("--num_buckets", type=int, default=30, help="ours' (its default)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs averaged")
 
 
@@ -93,11 +91,8 @@ def batch_statistics(batches: list[np.ndarray], lengths: np.ndarray) -> dict[str
 
 
 def mean_matched_batch_size(lengths: np.ndarray, budget: int, seed: int) -> int:
-    """Largest fixed batch size whose mean padded seconds per batch is within the budget.
-
-    The mean padded size grows with the batch size (longer batches, longer maxima), so a binary
-    search between the memory-safe size and budget // shortest finds it.
-    """
+    """Largest fixed batch size whose mean padded seconds per batch is within the budget: a
+    binary search from the memory-safe size, as the mean grows with the batch size."""
     low = max(1, budget // int(lengths.max()))
     high = max(low, budget // int(lengths.min()))
     while low < high:
@@ -109,20 +104,16 @@ def mean_matched_batch_size(lengths: np.ndarray, budget: int, seed: int) -> int:
 
 
 def compare_methods(
-    lengths: np.ndarray, budget_seconds: float, args: argparse.Namespace
+    lengths: np.ndarray, seconds: float, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Every method's batch statistics at one budget, over --epochs epochs."""
-    budget, seed = int(budget_seconds * SAMPLING_RATE), args.seed
+    """Every method's batch statistics at a budget of `seconds`, over --epochs epochs."""
+    budget, seed = int(seconds * SAMPLING_RATE), args.seed
     ours = DurationBucketSampler(
-        num_samples=lengths,
-        sampling_rate=SAMPLING_RATE,
-        max_batch_seconds=budget_seconds,
-        num_buckets=args.num_buckets,
-        seed=seed,
+        num_samples=lengths, sampling_rate=SAMPLING_RATE, max_batch_seconds=seconds, seed=seed
     )
     sizes = {"hf_mean_matched": mean_matched_batch_size(lengths, budget, seed)}
     sizes["hf_memory_safe"] = max(1, budget // int(lengths.max()))
-    results: dict[str, Any] = {"budget_seconds": budget_seconds}
+    results: dict[str, Any] = {"budget_seconds": seconds}
     for method in METHODS:
         per_epoch = []
         for epoch in range(args.epochs):
@@ -143,68 +134,49 @@ def compare_methods(
     return results
 
 
-def describe_lengths(lengths: np.ndarray) -> dict[str, float]:
-    seconds = lengths / SAMPLING_RATE
-    return {
-        "utterances": int(lengths.size),
-        "hours": float(seconds.sum() / 3600),
-        "distinct_lengths": int(np.unique(lengths).size),
-        **{f"p{q}_seconds": float(np.percentile(seconds, q)) for q in (1, 10, 50, 90, 99)},
-        "max_seconds": float(seconds.max()),
-    }
-
-
 def demo_corpus_lengths(args: argparse.Namespace) -> tuple[np.ndarray, str]:
-    """The lengths of --dataset, else of a demo corpus read from its MP3 headers."""
+    """The lengths of --dataset, else of a demo corpus's clips at 16 kHz from their MP3 headers."""
     if args.dataset is not None:
         from preprocess.shard_format import ShardDataset
 
         return ShardDataset(str(args.dataset)).num_samples, f"prepared dataset {args.dataset}"
+    import soundfile
+
     with harness.work_directory(args.work_dir) as work:
-        lengths = harness.clip_num_samples(
-            harness.make_corpus(work, args.hours, args.unique_hours, args.seed)
-        )
-    return lengths, f"demo corpus, {args.hours:g} h ({args.unique_hours:g} h distinct)"
+        manifest = harness.make_corpus(work, args.hours, args.unique_hours, args.seed)
+        infos = [soundfile.info(path) for path in harness.manifest_audio_files(manifest)]
+    lengths = [round(info.frames * SAMPLING_RATE / info.samplerate) for info in infos]
+    source = f"demo corpus, {args.hours:g} h ({args.unique_hours:g} h distinct)"
+    return np.asarray(lengths, np.int64), source
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     shared = {"dataset": None, "hours": 10.0, "unique_hours": 0.5, "seed": 0, "work_dir": None}
     quick = {"hours": 0.05, "unique_hours": 0.05, "cv_utterances": 2_000, "epochs": 1}
     args = harness.parse_args(NAME, __doc__, argv, shared, quick, own_options)
     corpus_lengths, corpus_source = demo_corpus_lengths(args)
-    median, sigma, (low, high) = (
-        harness.CV_MEDIAN_SECONDS,
-        harness.CV_SIGMA,
-        harness.CV_RANGE_SECONDS,
-    )
-    cv = f"lognormal, median {median} s, sigma {sigma}, redrawn outside {low:g}-{high:g} s"
-    distributions = {
-        "demo corpus": (corpus_lengths, corpus_source),
-        "Common Voice-like": (harness.common_voice_like_lengths(args.cv_utterances, args.seed), cv),
-    }
-    details: dict[str, Any] = {"budgets_seconds": args.budgets, "epochs": args.epochs}
-    details |= {"num_buckets": args.num_buckets, "distributions": {}}
+    cv_lengths = harness.common_voice_like_lengths(args.cv_utterances, args.seed)
+    distributions = {"demo corpus": (corpus_lengths, corpus_source)}
+    distributions["Common Voice-like"] = (cv_lengths, harness.CV_DESCRIPTION)
+    details: dict[str, Any] = {"distributions": {}}
     rows = []
     for name, (lengths, source) in distributions.items():
         budgets = [compare_methods(lengths, budget, args) for budget in args.budgets]
-        summary = describe_lengths(lengths)
+        seconds = lengths / SAMPLING_RATE
+        summary = {"utterances": int(lengths.size), "hours": float(seconds.sum() / 3600)}
+        summary["distinct_lengths"] = int(np.unique(lengths).size)
+        summary |= {f"p{q}_seconds": float(np.percentile(seconds, q)) for q in (1, 10, 50, 90, 99)}
+        summary["max_seconds"] = float(seconds.max())
         details["distributions"][name] = {"source": source, "summary": summary, "budgets": budgets}
         for comparison in budgets:
             budget = comparison["budget_seconds"]
-            for anchor, figure, label, unit in COMPARISONS:
-                rows.append(
-                    result_row(
-                        f"{label}, {name}, {budget:g} s padded per batch",
-                        comparison["ours"][figure],
-                        comparison[anchor][figure],
-                        METHOD_LABELS[anchor],
-                        unit,
-                        higher_is_better=False,
-                        headline=budget == args.budgets[0],
-                    )
+            for anchor, key, label, unit in COMPARISONS:
+                metric = f"{label}, {name}, {budget:g} s padded per batch"
+                figure = [(metric, key, unit, False, budget == args.budgets[0])]
+                rows += figure_rows(
+                    comparison["ours"], comparison[anchor], METHOD_LABELS[anchor], figure
                 )
-    return finish(NAME, __doc__, args, argv, rows, details)
+    return finish(args, rows, details)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,21 @@
-"""What every benchmark writes: one JSON file of rows, machine and notes, and a PNG plot.
-
-The schema is shared, so `update_readme_table` renders any benchmark's results::
+"""What every benchmark writes: one JSON file of rows, machine and notes, and a PNG plot, in a
+schema `update_readme_table` renders whatever the benchmark::
 
     {"benchmark", "title", "schema_version": 1, "quick", "created_utc", "command_line",
-     "git_commit", "machine": {"cpu_model", "cores", "ram_gib", "gpu", "os", "python", "packages"},
+     "settings", "git_commit",
+     "machine": {"cpu_model", "cores", "ram_gib", "gpu", "os", "python", "packages"},
      "rows": [{"metric", "ours", "baseline", "baseline_name", "ratio", "unit",
                "higher_is_better", "headline"}], "details": {...}, "notes": [...], "plot"}
 
-A row compares ours with its anchor (``baseline``) measured in the same run; ``ratio`` is
-ours / baseline and ``higher_is_better`` says which side of 1 leads. Rows with
-``headline: false`` appear in RESULTS.md only, not in the README table.
+A row compares ours with its anchor (``baseline``) measured in the same run: ``ratio`` is
+ours / baseline, ``higher_is_better`` says which side of 1 leads; rows with ``headline: false``
+appear in RESULTS.md only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import importlib.util
@@ -22,7 +23,6 @@ import json
 import platform
 import re
 import shlex
-import shutil
 import subprocess
 import textwrap
 from collections.abc import Sequence
@@ -64,10 +64,7 @@ def result_row(
 
 
 def figure_rows(
-    ours: dict[str, Any],
-    anchor: dict[str, Any],
-    anchor_name: str,
-    figures: Sequence[tuple[str, str, str, bool, bool]],
+    ours: dict[str, Any], anchor: dict[str, Any], anchor_name: str, figures: Sequence[tuple]
 ) -> list[dict[str, Any]]:
     """A row per (metric, key, unit, higher is better, headline) of `figures` both sides have."""
     return [
@@ -80,54 +77,38 @@ def figure_rows(
 def git_commit() -> str | None:
     """HEAD's commit read from .git directly, so benchmarks never run git themselves."""
     git_dir = REPO_ROOT / ".git"
-    try:
+    with contextlib.suppress(OSError):
         head = (git_dir / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head  # detached
         ref = head.removeprefix("ref: ")
+        if ref == head:
+            return head  # detached
         if (git_dir / ref).exists():
             return (git_dir / ref).read_text().strip()
-        for line in (git_dir / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split(" ", 1)[0]
-    except OSError:
-        pass
+        packed = (git_dir / "packed-refs").read_text().splitlines()
+        return next((line.split(" ")[0] for line in packed if line.endswith(" " + ref)), None)
     return None
-
-
-def _cpu_model() -> str:
-    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _gpus() -> list[str]:
-    # nvidia-smi instead of torch.cuda: no CUDA initialisation, and works without torch.
-    if shutil.which("nvidia-smi") is None:
-        return []
-    query = ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]
-    try:
-        listing = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in listing.stdout.splitlines() if line.strip()]
 
 
 def machine_info() -> dict[str, Any]:
     """Hardware and software the figures were measured on."""
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        models = [line.split(":", 1)[1] for line in cpuinfo if line.startswith("model name")]
+    # nvidia-smi instead of torch.cuda: no CUDA initialisation, and works without torch.
+    query = ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]
+    try:
+        listing = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True)
+        gpus = [line.strip() for line in listing.stdout.splitlines() if line.strip()]
+    except (OSError, subprocess.SubprocessError):
+        gpus = []
     packages = {}
     for package in PACKAGES:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             packages[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": models[0].strip() if models else platform.processor() or platform.machine(),
         "cores": machine_cores(),
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "gpu": _gpus(),
+        "gpu": gpus,
         "os": platform.platform(),
         "python": platform.python_version(),
         "packages": packages,
@@ -142,25 +123,20 @@ def machine_summary(machine: dict[str, Any]) -> str:
     return f"{machine.get('cpu_model', '?')}, {cores} cores, {ram} GiB, {gpu}"
 
 
-def write_results(
-    name: str,
-    doc: str,
-    args: argparse.Namespace,
-    argv: Sequence[str],
-    rows: list[dict[str, Any]],
-    details: dict[str, Any],
-) -> Path:
-    """Writes NAME.json and, where matplotlib is, NAME.png of the rows; returns the JSON's path.
-
-    The title and notes are the benchmark's module docstring, `doc`: one text, in the code and
-    beside the figures, says how they were measured.
-    """
+def finish(
+    args: argparse.Namespace, rows: list[dict], details: dict[str, Any], final: bool = True
+) -> int:
+    """Writes NAME.json and, where matplotlib is, NAME.png, then prints the rows (unless a
+    partial result, not `final`); the exit code. Title and notes come from the benchmark's
+    docstring (args.benchmark, kept by harness.parse_args): one text, in the code and beside the
+    figures, says how they were measured."""
+    name, doc, argv = args.benchmark
     # NAME[-TAG][-quick]: quick runs never overwrite real results.
     suffix = (f"-{args.tag}" if args.tag else "") + ("-quick" if args.quick else "")
     stem = Path(args.output_dir) / f"{name}{suffix}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     plot = stem.with_suffix(".png") if importlib.util.find_spec("matplotlib") else None
-    paragraphs = doc.strip().split("\n\n")
+    paragraphs = (doc or name).strip().split("\n\n")
     # Bullets and numbered items are notes of their own; indented usage examples are left out.
     notes = [
         " ".join(item.split()).removeprefix("* ")
@@ -175,6 +151,8 @@ def write_results(
         "quick": bool(args.quick),
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command_line": f"python -m benchmarks.{name} {shlex.join(argv)}".strip(),
+        # Every option's value, defaults and those the benchmark resolved included.
+        "settings": {key: value for key, value in vars(args).items() if key != "benchmark"},
         "git_commit": git_commit(),
         "machine": machine_info(),
         "rows": rows,
@@ -183,22 +161,12 @@ def write_results(
         "plot": plot.name if plot else None,
     }
     path = stem.with_suffix(".json")
-    path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(document, indent=1, ensure_ascii=False, default=str)  # paths as text
+    path.write_text(text + "\n", encoding="utf-8")
     if plot:
         plot_rows(rows, f"{name} on {machine_summary(document['machine'])}", plot)
-    return path
-
-
-def finish(
-    name: str,
-    doc: str | None,
-    args: argparse.Namespace,
-    argv: Sequence[str],
-    rows: list[dict[str, Any]],
-    details: dict[str, Any],
-) -> int:
-    """A benchmark's end: its results written, its rows printed; the exit code."""
-    path = write_results(name, doc or name, args, argv, rows, details)
+    if not final:
+        return 0
     for row in rows:
         ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "n/a"
         print(

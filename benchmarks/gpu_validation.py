@@ -3,30 +3,16 @@
     python -m benchmarks.gpu_validation             # about 5 minutes on one H200
     python -m benchmarks.gpu_validation --dry_run   # tiny, on CPU: shows that it starts
 
-The GPU machine has no package index: `bash benchmarks/gpu_wheels.sh` builds the wheels it lacks
-into gpu_wheels/, to carry over and install with `--install_wheels gpu_wheels`. Importing this
-module or collecting tests/gpu loads no Ray and no audio codec, which that machine lacks.
-
-1. `pytest tests/gpu` in a subprocess with a time limit: passed, failed, skipped counts.
-2. A dataset of synthetic clips with Common Voice-like lengths, written with
-   preprocess.shard_format's writer: no Ray, no audio codecs.
-3. Per preset (`base`, `large`, random init, frozen feature encoder) on one GPU, warm-up then
-   timed steps: our trainer through the deepspeed launcher with ds_configs/zero2_bf16.json, and
-   the HF Trainer (bf16 autocast, no DeepSpeed; benchmarks/hf_trainer_baseline.py --dataset) on
-   the same shards with length-grouped batches of the mean-matched size (batching_padding.py).
-   The JSON is written after each stage, so a run cut short leaves what it measured.
-
-Figures per run: audio s/s and median step time over the timed steps; peak GPU memory in use,
-device-wide (cudaMemGetInfo polled every 0.1 s above the level before the run), and the training
-process's torch.cuda.max_memory_allocated; startup to the first optimizer step from the training
-process's creation; MFU = training FLOPs per audio second × audio s/s / the device's dense bf16
-peak (H200: 989 TFLOP/s; empty elsewhere). FLOPs of a clip of n samples, forward, 2 per
-multiply-add of convolutions and matrix products: conv layer i (kernel k_i, stride s_i,
-C_{i-1} → C_i channels, C_0 = 1) over L_i = ⌊(L_{i-1} − k_i) / s_i⌋ + 1 frames (L_0 = n) costs
-2·C_{i-1}·C_i·k_i·L_i; with T frames out, hidden size h, FFN size f, V outputs and a positional
-conv of kernel K in g groups: projection 2·C·h·T, positional conv 2·h·(h/g)·K·T, each layer
-2·T·(4h² + 2hf) + 4·T²·h, CTC head 2·T·h·V. Training costs the frozen conv encoder's forward
-once and the rest three times, summed over the clips and divided by their audio seconds.
+`pytest tests/gpu` first, with a time limit. Then per preset (`base`, `large`, random init,
+frozen feature encoder), warm-up then timed steps on synthetic clips of Common Voice-like
+lengths: our trainer through the deepspeed launcher with ZeRO-2, and the HF Trainer (bf16
+autocast, no DeepSpeed; hf_trainer_baseline.py --dataset) on the same shards with
+length-grouped batches of the mean-matched size (batching_padding.py). Figures: those of
+harness.training_figures; peak GPU memory in use, device-wide; MFU = training FLOPs per audio
+second × audio s/s / the device's dense bf16 peak (H200: 989 TFLOP/s; empty elsewhere). The JSON
+is written after each stage. The GPU machine lacks Ray, audio codecs and a package index:
+nothing here loads the first two, and `bash benchmarks/gpu_wheels.sh` builds the wheels it
+lacks into gpu_wheels/, for `--install_wheels gpu_wheels`.
 """
 
 from __future__ import annotations
@@ -42,6 +28,7 @@ import threading
 import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +37,7 @@ import pyarrow as pa
 
 from benchmarks import harness, hf_trainer_baseline
 from benchmarks.batching_padding import mean_matched_batch_size
-from benchmarks.benchmark_results import REPO_ROOT, figure_rows, finish, write_results
+from benchmarks.benchmark_results import REPO_ROOT, figure_rows, finish
 from benchmarks.harness import SAMPLING_RATE
 from benchmarks.harness import launch_trainer as launch_trainer  # tests/gpu launch through here
 from preprocess import shard_format
@@ -65,8 +52,6 @@ SYSTEMS = {
 }
 # Dense bf16 tensor-core peak by device name; MFU stays empty on devices not listed.
 PEAK_BF16_FLOPS = {"H200": 989e12}
-# The key our trainer logs torch.cuda.max_memory_allocated under, in GiB.
-TRAINER_MEMORY_KEY = "max_memory_allocated_gib"
 # Characters of the synthetic transcripts: the demo corpus's German lowercase letters.
 ALPHABET = list("abcdefghijklmnopqrstuvwxyzäöüß")
 ROWS_PER_RECORD_BATCH = 64
@@ -81,30 +66,16 @@ FIGURES = (
 
 
 def own_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dry_run",
-        action="store_true",
-        help="tiny, on CPU with CUDA hidden: fp32, the tiny preset, 3 steps; implies --quick",
-    )
+    dry_run = "tiny, on CPU with CUDA hidden: fp32, the tiny preset, 3 steps; implies --quick"
+    parser.add_argument("--dry_run", action="store_true", help=dry_run)
     presets = ("tiny", "base", "large")
     parser.add_argument("--presets", nargs="+", choices=presets, default=["base", "large"])
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup_steps", type=int, default=10, help="steps before timing")
     parser.add_argument("--audio_minutes", type=float, default=15.0, help="synthetic dataset")
     parser.add_argument("--test_timeout", type=float, default=180.0, help="seconds for tests/gpu")
-    parser.add_argument(
-        "--install_wheels", type=Path, metavar="DIR", help="first pip-install DIR's wheels, offline"
-    )
-
-
-# --- Inputs: wheels, synthetic shards ------------------------------------------------------------
-
-
-def install_wheels(folder: Path) -> None:
-    """Installs what benchmarks/gpu_wheels.sh put in `folder`, offline; present packages stay."""
-    command = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(folder)]
-    subprocess.run([*command, "-r", str(folder / "requirements.txt")], check=True)
-    importlib.invalidate_caches()
+    wheels = "first pip-install DIR's wheels, offline"
+    parser.add_argument("--install_wheels", type=Path, metavar="DIR", help=wheels)
 
 
 def synthetic_clip(num_samples: int, rng: np.random.Generator) -> np.ndarray:
@@ -114,12 +85,6 @@ def synthetic_clip(num_samples: int, rng: np.random.Generator) -> np.ndarray:
     phase = 2 * np.pi * np.cumsum(rng.uniform(90, 220) * vibrato) / SAMPLING_RATE
     tone = np.sin(phase) + np.sin(2 * phase) / 2 + np.sin(3 * phase) / 3
     return (0.1 * tone + 0.01 * rng.standard_normal(num_samples)).astype(np.float32)
-
-
-def synthetic_transcript(seconds: float, rng: np.random.Generator) -> str:
-    """Random words at about speech rate (2.5 words, some 13 characters per second)."""
-    words = max(1, round(2.5 * seconds))
-    return " ".join("".join(rng.choice(ALPHABET, rng.integers(2, 8))) for _ in range(words))
 
 
 def write_synthetic_dataset(directory: Path, num_samples: Sequence[int], seed: int) -> Path:
@@ -133,7 +98,11 @@ def write_synthetic_dataset(directory: Path, num_samples: Sequence[int], seed: i
         str(directory / shard_format.STAGING_DIR / run_id), f"shard-{run_id}", schema, 256 * 2**20
     )
     lengths = [int(n) for n in num_samples]
-    transcripts = [synthetic_transcript(n / SAMPLING_RATE, rng) for n in lengths]
+    # Random words at about speech rate: 2.5 words, some 13 characters, per second.
+    words = [range(max(1, round(2.5 * n / SAMPLING_RATE))) for n in lengths]
+    transcripts = [
+        " ".join("".join(rng.choice(ALPHABET, rng.integers(2, 8))) for _ in w) for w in words
+    ]
     for start in range(0, len(lengths), ROWS_PER_RECORD_BATCH):
         rows = range(start, min(start + ROWS_PER_RECORD_BATCH, len(lengths)))
         clips = [synthetic_clip(lengths[row], rng) for row in rows]
@@ -146,15 +115,9 @@ def write_synthetic_dataset(directory: Path, num_samples: Sequence[int], seed: i
             "sentence": pa.array([transcripts[row] for row in rows]),
         }
         writer.write(pa.RecordBatch.from_pydict(columns, schema=schema))
-    run = shard_format.RunRecord(
-        run_id=run_id,
-        manifest="synthetic",
-        accepted=len(lengths),
-        rejected=0,
-        skipped_already_processed=0,
-        input_seconds=sum(lengths) / SAMPLING_RATE,
-        wall_seconds=time.perf_counter() - started,
-    )
+    seconds, wall_seconds = sum(lengths) / SAMPLING_RATE, time.perf_counter() - started
+    # Run id, manifest, rows accepted, rejected and skipped (as already processed), seconds.
+    run = shard_format.RunRecord(run_id, "synthetic", len(lengths), 0, 0, seconds, wall_seconds)
     options = {"sampling_rate": SAMPLING_RATE, "synthetic_seed": seed}
     shard_format.commit_run(
         str(directory), None, writer.close(), [], build_vocab(transcripts), options, run
@@ -162,38 +125,21 @@ def write_synthetic_dataset(directory: Path, num_samples: Sequence[int], seed: i
     return directory
 
 
-def benchmark_clip_lengths(audio_minutes: float, seed: int) -> np.ndarray:
-    """Common Voice-like clip lengths in samples, just enough of them for `audio_minutes`."""
-    total = int(audio_minutes * 60 * SAMPLING_RATE)
-    # Every clip is at least a second long, so this many draws always reach the total.
-    lengths = harness.common_voice_like_lengths(math.ceil(audio_minutes * 60) + 1, seed)
-    return lengths[: int(np.searchsorted(np.cumsum(lengths), total)) + 1]
-
-
-# --- Running the systems -------------------------------------------------------------------------
-
-
 @contextlib.contextmanager
-def device_memory_peak(enabled: bool, interval_seconds: float = 0.1) -> Iterator[dict[str, Any]]:
+def device_memory_peak() -> Iterator[dict[str, Any]]:
     """Yields a dict that gets "peak_device_memory_gib": GPU 0's peak use above its level before,
-    device-wide (every process on it); None when not `enabled` (no GPU)."""
-    result: dict[str, Any] = {"peak_device_memory_gib": None}
-    if not enabled:
-        yield result
-        return
+    device-wide (every process on it), polled every 0.1 s."""
     import torch
 
     def used() -> int:
         free, total = torch.cuda.mem_get_info(0)
         return total - free
 
-    baseline = peak = used()
-    stop = threading.Event()
+    result, baseline, peak, stop = {}, used(), [0], threading.Event()
 
     def poll() -> None:
-        nonlocal peak
-        while not stop.wait(interval_seconds):
-            peak = max(peak, used())
+        while not stop.wait(0.1):
+            peak[0] = max(peak[0], used() - baseline)
 
     thread = threading.Thread(target=poll, name="device-memory-poll", daemon=True)
     thread.start()
@@ -202,51 +148,58 @@ def device_memory_peak(enabled: bool, interval_seconds: float = 0.1) -> Iterator
     finally:
         stop.set()
         thread.join()
-        result["peak_device_memory_gib"] = (peak - baseline) / 2**30
+        result["peak_device_memory_gib"] = peak[0] / 2**30
 
 
-def run_ours(preset: str, dataset: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Our trainer, one rank, ZeRO-2; figures from its metrics.jsonl and startup.json."""
-    config, steps = harness.ds_config(2, args.precision), args.warmup_steps + args.steps
-    launch = (steps, args.max_batch_seconds, 1, args.dataloader_num_workers)
-    run = harness.trainer_run(work, f"ours-{preset}", dataset, preset, config, *launch)
-    allocated = [r[TRAINER_MEMORY_KEY] for r in run["records"] if TRAINER_MEMORY_KEY in r]
-    return {**run, TRAINER_MEMORY_KEY: max(allocated) if allocated else None}
-
-
-def run_hf_trainer(
-    preset: str, dataset: Path, batch_size: int, work: Path, args: argparse.Namespace
+def run_system(
+    system: str, preset: str, dataset: Path, batch_size: int, work: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """The HF Trainer on the same shards (benchmarks/hf_trainer_baseline.py --dataset)."""
-    options = ["--dataset", str(dataset), "--model", preset, "--seed", str(args.seed)]
-    options += ["--per_device_train_batch_size", str(batch_size)]
-    options += ["--max_steps", str(args.warmup_steps + args.steps)]
-    options += ["--dataloader_num_workers", str(args.dataloader_num_workers)]
-    options += ["--bf16"] if args.precision == "bf16" else []
-    # One GPU, as ours: the Trainer would spread over all visible GPUs with DataParallel.
-    first_gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-    environment = {"CUDA_VISIBLE_DEVICES": first_gpu} if args.gpu else None
-    result, process = hf_trainer_baseline.run_job(work, f"hf-{preset}", options, environment)
-    startup = {"startup_seconds": result["total"], "startup_phases": result["phases"]}
-    kept = {key: result[key] for key in ("records", TRAINER_MEMORY_KEY, "optimizer")}
-    return {**kept, **startup, "process": process, "per_device_train_batch_size": batch_size}
+    """One system's timed run on one rank, its figures (with MFU) and the device memory peak."""
+    from transformers import Wav2Vec2Config
+
+    from preprocess.shard_format import ShardDataset
+    from train.wav2vec2_model import PRESETS
+
+    steps = args.warmup_steps + args.steps
+    extra: dict[str, Any] = {}
+    no_gpu = contextlib.nullcontext({"peak_device_memory_gib": None})
+    with device_memory_peak() if args.gpu else no_gpu as memory:
+        if system == "ours":
+            config = harness.ds_config(2, args.precision)
+            launch = (preset, config, steps, args.max_batch_seconds, 1)
+            workers = {"dataloader_num_workers": args.dataloader_num_workers}
+            run = harness.trainer_run(dataset, work / f"ours-{preset}", *launch, **workers)
+        else:
+            options = ["--dataset", str(dataset), "--model", preset, "--seed", str(args.seed)]
+            options += ["--per_device_train_batch_size", str(batch_size), "--max_steps", str(steps)]
+            options += ["--dataloader_num_workers", str(args.dataloader_num_workers)]
+            options += ["--bf16"] if args.precision == "bf16" else []
+            # One GPU, as ours: the Trainer would spread over all visible GPUs with DataParallel.
+            first_gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+            gpu = {"environment": {"CUDA_VISIBLE_DEVICES": first_gpu}} if args.gpu else {}
+            run = hf_trainer_baseline.run_job(work, f"hf-{preset}", options, **gpu)
+            extra = {"optimizer": run["optimizer"], "per_device_train_batch_size": batch_size}
+    figures = harness.training_figures(run, args.warmup_steps)
+    shards = ShardDataset(str(dataset))
+    config = Wav2Vec2Config(**PRESETS[preset], vocab_size=len(shards.vocab))
+    flops = training_flops_per_audio_second(config, shards.num_samples)
+    speed = figures["audio_seconds_per_second"]
+    mfu = flops * speed / args.peak_flops if args.peak_flops else None
+    return {**figures, **memory, "mfu": mfu, "training_flops_per_audio_second": flops, **extra}
 
 
 def run_gpu_tests(work: Path, timeout_seconds: float) -> dict[str, Any]:
-    """`pytest tests/gpu` in a subprocess, killed past `timeout_seconds`; counts from its JUnit XML.
-
-    --confcutdir keeps tests/conftest.py (Ray, espeak-ng speech) out: the GPU machine lacks them.
-    """
-    junit = work / "gpu-tests.xml"
+    """`pytest tests/gpu` in a subprocess, killed past `timeout_seconds`; counts from its JUnit
+    XML. --confcutdir keeps tests/conftest.py (Ray, espeak-ng speech), which needs more, out."""
+    junit, log_file = work / "gpu-tests.xml", work / "gpu-tests.log"
     command = [sys.executable, "-m", "pytest", "--confcutdir", str(TESTS_DIR), str(TESTS_DIR)]
     command += ["-p", "no:cacheprovider", f"--junitxml={junit}"]
-    log_file = work / "gpu-tests.log"
     process = harness.run_sampled(command, log_file, timeout_seconds=timeout_seconds, check=False)
-    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    if junit.exists():
-        for suite in ElementTree.parse(junit).getroot().iter("testsuite"):
-            for key in counts:
-                counts[key] += int(suite.get(key, 0))
+    counts = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
+    suites = ElementTree.parse(junit).getroot().iter("testsuite") if junit.exists() else []
+    for suite in suites:
+        for key in counts:
+            counts[key] += int(suite.get(key, 0))
     return {
         "command": " ".join(command),
         "returncode": None if process["timed_out"] else process["returncode"],
@@ -260,11 +213,14 @@ def run_gpu_tests(work: Path, timeout_seconds: float) -> dict[str, Any]:
     }
 
 
-# --- Figures -------------------------------------------------------------------------------------
-
-
 def training_flops_per_audio_second(config: Any, num_samples: np.ndarray) -> float:
-    """Training FLOPs per second of audio over these clips, by the formula in the docstring."""
+    """Training FLOPs per second of audio over these clips, 2 per multiply-add of convolutions
+    and matrix products: the frozen conv encoder's forward once, the rest three times.
+
+    Conv layer i (kernel k, stride s, C_{i-1} -> C_i channels, C_0 = 1) over L_i = floor((L_{i-1}
+    - k) / s) + 1 frames (L_0 = samples): 2·C_{i-1}·C_i·k·L_i. Per frame of T (hidden size h, FFN
+    f, V outputs, positional conv K in g groups): projection 2·C·h, positional conv 2·h·(h/g)·K,
+    each layer 2·(4h² + 2hf) + 4·T·h, head 2·h·V."""
     frames = num_samples.astype(np.float64)
     conv = np.zeros_like(frames)
     channels_in = 1
@@ -284,34 +240,6 @@ def training_flops_per_audio_second(config: Any, num_samples: np.ndarray) -> flo
     return float((conv + 3 * trainable).sum() / (num_samples.sum() / SAMPLING_RATE))
 
 
-def preset_flops(preset: str, dataset: Path) -> float:
-    """training_flops_per_audio_second for a preset with the dataset's vocabulary and clips."""
-    from transformers import Wav2Vec2Config
-
-    from preprocess.shard_format import ShardDataset
-    from train.wav2vec2_model import PRESETS
-
-    shards = ShardDataset(str(dataset))
-    config = Wav2Vec2Config(**PRESETS[preset], vocab_size=len(shards.vocab))
-    return training_flops_per_audio_second(config, shards.num_samples)
-
-
-def summarize(
-    run: dict[str, Any], warmup_steps: int, flops: float, peak_flops: float | None
-) -> dict[str, Any]:
-    """A run's figures over its timed steps (its records are kept beside them)."""
-    statistics = harness.step_statistics(run["records"], warmup_steps)
-    speed = statistics["audio_seconds_per_second"]
-    return {
-        "ok": True,
-        **statistics,
-        "mfu": flops * speed / peak_flops if peak_flops else None,
-        **{key: value for key, value in run.items() if key != "process"},
-        "wall_seconds": run["process"]["process_wall_seconds"],
-        "peak_host_pss_gib": run["process"]["peak_pss_gib"],
-    }
-
-
 def build_rows(runs: dict[str, dict[str, Any]], where: str) -> list[dict[str, Any]]:
     """Per preset where both systems ran: each of FIGURES that both have."""
     rows = []
@@ -324,7 +252,6 @@ def build_rows(runs: dict[str, dict[str, Any]], where: str) -> list[dict[str, An
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     shared = {"max_batch_seconds": 200.0, "dataloader_num_workers": 2, "seed": 0, "work_dir": None}
     quick = {"presets": ["base"], "steps": 5, "warmup_steps": 2}
     args = harness.parse_args(NAME, __doc__, argv, shared, quick, own_options)
@@ -334,36 +261,34 @@ def main(argv: list[str] | None = None) -> int:
         args.dataloader_num_workers = 1
         # Set before torch initializes CUDA here or in any child.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    args.precision = "fp32" if args.dry_run else "bf16"
-    if args.install_wheels:
-        install_wheels(args.install_wheels)
+    if args.install_wheels:  # what benchmarks/gpu_wheels.sh built; present packages stay
+        pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links"]
+        requirements = ["-r", str(args.install_wheels / "requirements.txt")]
+        subprocess.run([*pip, str(args.install_wheels), *requirements], check=True)
+        importlib.invalidate_caches()
 
     started = time.perf_counter()
     device = harness.device_description(1)
-    args.gpu = device["kind"] == "cuda"
+    args.gpu, args.precision = device["kind"] == "cuda", "fp32" if args.dry_run else "bf16"
+    peak = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in device["name"]), None)
+    args.peak_flops = peak if args.precision == "bf16" else None
     where = f"1 {'GPU' if args.gpu else 'CPU process'}, {args.precision}"
-    peak_flops = next((f for name, f in PEAK_BF16_FLOPS.items() if name in device["name"]), None)
-    peak_flops = peak_flops if args.precision == "bf16" else None
     runs: dict[str, dict[str, Any]] = {}
-    settings = {
-        key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
-    }
-    settings |= {"peak_flops": peak_flops, "budget_seconds": BUDGET_SECONDS}
-    details: dict[str, Any] = {"device": device, "settings": settings, "runs": runs}
+    details: dict[str, Any] = {"device": device, "runs": runs}
 
-    def stamp() -> None:
+    def save(final: bool = False) -> None:
         details["seconds"] = time.perf_counter() - started
         details["within_budget"] = details["seconds"] <= BUDGET_SECONDS
-
-    def save() -> None:
-        stamp()
-        write_results(NAME, __doc__, args, argv, build_rows(runs, where), details)
+        finish(args, build_rows(runs, where), details, final)
 
     with harness.work_directory(args.work_dir) as work:
         print(f"[{NAME}] pytest tests/gpu", flush=True)
-        details["tests"] = run_gpu_tests(work, args.test_timeout)
+        details["tests"] = tests = run_gpu_tests(work, args.test_timeout)
         save()
-        lengths = benchmark_clip_lengths(args.audio_minutes, args.seed)
+        seconds = args.audio_minutes * 60
+        # Common Voice-like clips, just enough for --audio_minutes (each lasts 1 s or more).
+        lengths = harness.common_voice_like_lengths(math.ceil(seconds) + 1, args.seed)
+        lengths = lengths[: int(np.searchsorted(np.cumsum(lengths), seconds * SAMPLING_RATE)) + 1]
         dataset = write_synthetic_dataset(work / "dataset", lengths, args.seed)
         budget = int(args.max_batch_seconds * SAMPLING_RATE)
         hf_batch_size = mean_matched_batch_size(lengths, budget, args.seed)
@@ -374,32 +299,17 @@ def main(argv: list[str] | None = None) -> int:
             "hf_per_device_train_batch_size": hf_batch_size,
         }
         for preset in args.presets:
-            flops = preset_flops(preset, dataset)
-            runs[preset] = {"training_flops_per_audio_second": flops}
+            runs[preset] = {}
             for system, name in SYSTEMS.items():
                 print(f"[{NAME}] {preset}: {name}", flush=True)
-                try:
-                    with device_memory_peak(args.gpu) as memory:
-                        if system == "ours":
-                            run = run_ours(preset, dataset, work, args)
-                        else:
-                            run = run_hf_trainer(preset, dataset, hf_batch_size, work, args)
-                    run |= memory
-                    runs[preset][system] = summarize(run, args.warmup_steps, flops, peak_flops)
-                except (RuntimeError, OSError, ValueError, KeyError) as error:
-                    runs[preset][system] = {"ok": False, "error": str(error)[-3000:]}
-                    print(f"[{NAME}] failed: {str(error)[:300]}", flush=True)
+                measure = partial(run_system, system, preset, dataset, hf_batch_size, work, args)
+                runs[preset][system] = harness.attempt(NAME, measure)
                 save()
-    stamp()
-    tests = details["tests"]
-    print(
-        f"tests/gpu: {tests['passed']} passed, {tests['failed']} failed, {tests['errors']} errors, "
-        f"{tests['skipped']} skipped{' (timed out)' if tests['timed_out'] else ''}"
-    )
-    rows = build_rows(runs, where)
-    finish(NAME, __doc__, args, argv, rows, details)
+    counts = ", ".join(f"{tests[key]} {key}" for key in ("passed", "failed", "errors", "skipped"))
+    print(f"tests/gpu: {counts}{' (timed out)' if tests['timed_out'] else ''}")
+    save(final=True)
     print(f"{details['seconds']:.0f} s (budget {BUDGET_SECONDS} s)")
-    runs_ok = all(runs[p][s].get("ok") for p in runs for s in SYSTEMS)
+    runs_ok = all(run["ok"] for systems in runs.values() for run in systems.values())
     return 0 if tests["returncode"] == 0 and runs_ok else 1
 
 

@@ -1,9 +1,6 @@
-"""The harness every benchmark runs on: shared options, inputs and timed child processes.
-
-A benchmark module states what it measures and against which anchor; options, demo corpora,
-prepared datasets and child processes with their process trees sampled are here, results in
-benchmark_results.py. Importing it loads no Ray and no audio codec, which the GPU machine lacks.
-"""
+"""The harness every benchmark runs on: shared options, inputs and timed child processes
+with their process trees sampled; results go through benchmark_results.py. Importing it loads
+no Ray and no audio codec, which the GPU machine lacks."""
 
 from __future__ import annotations
 
@@ -33,14 +30,17 @@ from benchmarks.process_tree import machine_cores, wait_sampled, wait_until_idle
 
 SAMPLING_RATE = 16_000
 RUN_TIMEOUT_SECONDS = 3600
+# What our trainer (and hf_trainer_baseline) logs torch.cuda.max_memory_allocated under, in GiB.
+MEMORY_KEY = "max_memory_allocated_gib"
 # Offline: nothing may look for models or datasets on the Hub.
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # Common Voice-like clip lengths: lognormal with a 4.5 s median and sigma 0.35 (mean 4.8 s,
 # 95 % between 2.3 and 8.9 s), redrawn outside [1, 10] s: the Common Voice recorder stops at
 # 10 s and clips under a second are rejected at validation.
 CV_MEDIAN_SECONDS, CV_SIGMA, CV_RANGE_SECONDS = 4.5, 0.35, (1.0, 10.0)
-# Options several benchmarks have, as (type, help); each benchmark gives its defaults, and a
-# list default makes the option take one or more values.
+CV_DESCRIPTION = f"lognormal, median {CV_MEDIAN_SECONDS} s, sigma {CV_SIGMA}, redrawn outside "
+CV_DESCRIPTION += "{:g}-{:g} s".format(*CV_RANGE_SECONDS)
+# Options several benchmarks have, (type, help); each gives its defaults (a list: 1+ values).
 SHARED_OPTIONS: dict[str, tuple[type, str]] = {
     "hours": (float, "demo corpus size(s) in hours"),
     "unique_hours": (float, "distinct audio synthesized per corpus, the rest hard links"),
@@ -57,17 +57,10 @@ SHARED_OPTIONS: dict[str, tuple[type, str]] = {
 
 
 def parse_args(
-    name: str,
-    doc: str | None,
-    argv: list[str],
-    shared: dict[str, Any],
-    quick: dict[str, Any],
-    own: Callable[[argparse.ArgumentParser], None] | None = None,
+    name: str, doc: str | None, argv: list[str] | None, shared: dict, quick: dict, own: Callable
 ) -> argparse.Namespace:
-    """Benchmark `name`'s options: the `shared` ones (name: default), its `own`, the output ones.
-
-    --quick sets the options in `quick` (name: value), for a smoke run of a minute or two.
-    """
+    """Benchmark `name`'s options: the `shared` ones (name: default), its `own`, the output ones;
+    --quick sets the options in `quick` (name: value), for a smoke run of a minute or two."""
     parser = argparse.ArgumentParser(
         prog=f"python -m benchmarks.{name}",
         description=(doc or "").split("\n\n")[0],
@@ -77,18 +70,16 @@ def parse_args(
         kind, text = SHARED_OPTIONS[option]
         nargs = "+" if isinstance(default, list) else None
         parser.add_argument(f"--{option}", type=kind, nargs=nargs, default=default, help=text)
-    if own is not None:
-        own(parser)
+    own(parser)
     parser.add_argument("--output_dir", type=Path, default=RESULTS_DIR, help="JSON and PNG")
     parser.add_argument("--tag", default="", help="file name suffix, e.g. the machine")
     parser.add_argument("--quick", action="store_true", help="smoke run; -quick files")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.quick:
         vars(args).update(quick)
+    args.benchmark = (name, doc, argv)  # for benchmark_results.finish
     return args
-
-
-# --- Inputs --------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -103,11 +94,8 @@ def work_directory(path: Path | None) -> Iterator[Path]:
 
 
 def make_corpus(parent: Path, hours: float, unique_hours: float | None, seed: int) -> Path:
-    """A demo corpus under `parent` (reused if there) and a manifest of all its rows, all.tsv.
-
-    `unique_hours` of espeak-ng speech are synthesized and the rest hard-linked, so the files sit
-    in the page cache: benchmarks read memory, not disk.
-    """
+    """A demo corpus under `parent` (reused if there) and a manifest of all its rows, all.tsv;
+    `unique_hours` synthesized, the rest hard links, so that benchmarks read the page cache."""
     # Imported here: the GPU machine imports this module and has no espeak-ng or audio codecs.
     from preprocess.demo_corpus import SPLITS, generate_corpus
 
@@ -132,14 +120,6 @@ def manifest_audio_files(manifest: Path) -> list[str]:
         return [str(manifest.parent / "clips" / row["path"]) for row in rows]
 
 
-def clip_num_samples(manifest: Path) -> np.ndarray:
-    """Length of every clip at 16 kHz, from file headers (no decoding)."""
-    import soundfile
-
-    infos = [soundfile.info(path) for path in manifest_audio_files(manifest)]
-    return np.asarray([round(i.frames * SAMPLING_RATE / i.samplerate) for i in infos], np.int64)
-
-
 def common_voice_like_lengths(count: int, seed: int) -> np.ndarray:
     """`count` clip lengths in samples from the truncated lognormal above."""
     rng = np.random.default_rng(seed)
@@ -152,21 +132,21 @@ def common_voice_like_lengths(count: int, seed: int) -> np.ndarray:
 
 
 def prepared_dataset(
-    work: Path, hours: float, unique_hours: float, seed: int, *ray_options: int | None
+    work: Path, args: argparse.Namespace, hours: float
 ) -> tuple[Path, Path, float]:
-    """(manifest, dataset dir, preprocessing seconds from dataset.json) of a demo corpus.
-
-    Preprocessed if needed by our CLI with `ray_options` (--num_cpus, --object_store_memory) in
-    its own process, which keeps Ray out of the benchmark (whose DataLoader workers fork).
-    """
+    """(manifest, dataset dir, preprocessing seconds from dataset.json) of the demo corpus of
+    `hours` with args' --unique_hours and --seed, preprocessed if needed by our CLI (with args'
+    --num_cpus and --object_store_memory) in its own process: Ray stays out of the benchmark,
+    whose DataLoader workers fork."""
     from preprocess.shard_format import read_dataset_json
 
-    manifest = make_corpus(work, hours, unique_hours, seed)
+    manifest = make_corpus(work, hours, args.unique_hours, args.seed)
     dataset = work / f"dataset-{manifest.parent.name}"
     if not (dataset / "dataset.json").exists():
         command = [sys.executable, "-m", "preprocess.prepare_dataset", "--manifest", str(manifest)]
         command += ["--output_dir", str(dataset)]
-        for option, value in zip(("num_cpus", "object_store_memory"), ray_options, strict=False):
+        for option in ("num_cpus", "object_store_memory"):
+            value = getattr(args, option, None)
             command += [f"--{option}", str(value)] if value else []
         run_sampled(command, work / f"{dataset.name}.log")
     metadata = read_dataset_json(str(dataset)) or {}
@@ -174,24 +154,11 @@ def prepared_dataset(
 
 
 def args_dataset(args: argparse.Namespace, work: Path) -> tuple[Path, float | None]:
-    """--dataset, or the demo corpus the shared options describe, preprocessed; with the
-    preprocessing seconds (None for --dataset)."""
+    """--dataset, or the demo corpus of --hours, preprocessed, with its preprocessing seconds."""
     if args.dataset is not None:
         return args.dataset, None
-    ray = (args.num_cpus, getattr(args, "object_store_memory", None))
-    _, dataset, seconds = prepared_dataset(work, args.hours, args.unique_hours, args.seed, *ray)
+    _, dataset, seconds = prepared_dataset(work, args, args.hours)
     return dataset, seconds
-
-
-# --- Child processes -----------------------------------------------------------------------------
-
-
-def kill_tree(process: psutil.Process) -> None:
-    """Kills a child that outlived its time limit, and everything it started."""
-    with contextlib.suppress(psutil.Error):
-        for member in [*process.children(recursive=True), process]:
-            with contextlib.suppress(psutil.Error):
-                member.kill()
 
 
 def run_sampled(
@@ -202,12 +169,9 @@ def run_sampled(
     timeout_seconds: float = RUN_TIMEOUT_SECONDS,
     check: bool = True,
 ) -> dict[str, Any]:
-    """Runs `command` offline from the repository root, logging to `log_file`, sampling its tree.
-
-    Returns the tree's summary with the exit code, the launch's Unix time and how busy the
-    machine was before. A run past `timeout_seconds` is killed with its children; with `check`,
-    a failed one raises RuntimeError with the log's tail.
-    """
+    """Runs `command` offline from the repository root, logging to `log_file`, sampling its tree;
+    past `timeout_seconds` it is killed with its children, and with `check` a failure raises
+    RuntimeError with the log's tail. The tree's summary, exit code and launch's Unix time."""
     busy_before = wait_until_idle(wait_for_idle)
     # Launchers run scripts by path, and the GPU machine does not install the project.
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
@@ -217,9 +181,12 @@ def run_sampled(
     with open(log_file, "w", encoding="utf-8") as log:
         process = psutil.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
 
-        def expire() -> None:
+        def expire() -> None:  # kills the child and everything it started
             expired.set()
-            kill_tree(process)
+            with contextlib.suppress(psutil.Error):
+                for member in [*process.children(recursive=True), process]:
+                    with contextlib.suppress(psutil.Error):
+                        member.kill()
 
         watchdog = threading.Timer(timeout_seconds, expire)
         watchdog.start()
@@ -230,27 +197,17 @@ def run_sampled(
     if check and process.returncode != 0:
         tail = log_file.read_text(encoding="utf-8", errors="replace")[-3000:]
         raise RuntimeError(f"exit code {process.returncode}: {shlex.join(command)}\n{tail}")
-    return {
-        **summary,
-        "returncode": process.returncode,
-        "timed_out": expired.is_set(),
-        "launched_unix": launched,
-        "machine_busy_before": busy_before,
-    }
+    summary |= {"returncode": process.returncode, "timed_out": expired.is_set()}
+    return summary | {"launched_unix": launched, "machine_busy_before": busy_before}
 
 
-def run_job(
-    command: list[str],
-    work: Path,
-    label: str,
-    environment: dict[str, str] | None = None,
-    wait_for_idle: float = 0.0,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Runs `command --result FILE` sampled; returns (the JSON it wrote there, its tree summary)."""
+def run_job(command: list[str], work: Path, label: str, **sampling: Any) -> tuple[dict, dict]:
+    """Runs `command --result FILE` sampled (run_sampled's `sampling` options); returns (the JSON
+    it wrote there, its tree summary)."""
     result_file = work / f"{label}-result.json"
     result_file.unlink(missing_ok=True)
     command = [*command, "--result", str(result_file)]
-    process = run_sampled(command, work / f"{label}.log", environment, wait_for_idle)
+    process = run_sampled(command, work / f"{label}.log", **sampling)
     return json.loads(result_file.read_text(encoding="utf-8")), process
 
 
@@ -267,13 +224,14 @@ def launch_trainer(
     max_steps: int,
     max_batch_seconds: float,
     num_ranks: int | None,
-    log_file: Path,
+    log_file: Path | None = None,
     dataloader_num_workers: int = 1,
     environment: dict[str, str] | None = None,
     wait_for_idle: float = 0.0,
 ) -> dict[str, Any]:
     """Our trainer as a user runs it, through the deepspeed launcher (`num_ranks` None: as one
-    plain process), logging every step; returns run_sampled's summary."""
+    plain process), logging every step to output_dir/metrics.jsonl and its output to `log_file`
+    (None: OUTPUT_DIR.log); returns run_sampled's summary."""
     command = [sys.executable, "-m", "train.run_finetuning"]
     if num_ranks is not None:
         with socket.socket() as sock:  # the launcher's default port may be taken by another job
@@ -286,34 +244,18 @@ def launch_trainer(
     options += [("warmup_steps", 1), ("max_batch_seconds", max_batch_seconds)]
     options += [("dataloader_num_workers", dataloader_num_workers)]
     command += [f"--{key}={value}" for key, value in options]
+    log_file = log_file or output_dir.with_suffix(".log")
     return run_sampled(command, log_file, environment, wait_for_idle)
 
 
-def trainer_run(
-    work: Path,
-    label: str,
-    dataset: Path,
-    preset: str,
-    config: Path,
-    max_steps: int,
-    max_batch_seconds: float,
-    num_ranks: int | None,
-    dataloader_num_workers: int,
-    wait_for_idle: float = 0.0,
-) -> dict[str, Any]:
-    """launch_trainer into work/label; returns what the run wrote, then removes its directory
-    (checkpoints and the export of a large preset are gigabytes).
-
-    "records": metrics.jsonl; "startup_phases" and "startup_seconds": startup.json, whose write
-    time, the end of the first optimizer step, is "first_step_unix"; "process": the tree's summary.
-    """
-    output, log_file = work / label, work / f"{label}.log"
+def trainer_run(dataset: Path, output: Path, *launch: Any, **options: Any) -> dict[str, Any]:
+    """launch_trainer(dataset, output, *launch, **options), then `output` removed (a large
+    preset's checkpoints are gigabytes). "records": metrics.jsonl; "startup_phases" and
+    "startup_seconds": startup.json, written at the end of the first optimizer step (its time:
+    "first_step_unix"); "process": the tree's summary. hf_trainer_baseline.run_job's too."""
     shutil.rmtree(output, ignore_errors=True)
-    launch = (max_steps, max_batch_seconds, num_ranks, log_file, dataloader_num_workers)
     try:
-        process = launch_trainer(
-            dataset, output, preset, config, *launch, wait_for_idle=wait_for_idle
-        )
+        process = launch_trainer(dataset, output, *launch, **options)
         lines = (output / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
         startup = output / "startup.json"
         phases = json.loads(startup.read_text(encoding="utf-8"))
@@ -326,9 +268,6 @@ def trainer_run(
         }
     finally:
         shutil.rmtree(output, ignore_errors=True)
-
-
-# --- Figures shared by the training benchmarks ---------------------------------------------------
 
 
 def step_statistics(records: list[dict[str, Any]], warmup_steps: int) -> dict[str, Any]:
@@ -347,6 +286,31 @@ def step_statistics(records: list[dict[str, Any]], warmup_steps: int) -> dict[st
         "mean_padding_fraction": statistics.fmean(r["padding_fraction"] for r in measured),
         "all_losses_finite": all(math.isfinite(r["loss"]) for r in measured),
     }
+
+
+def training_figures(run: dict[str, Any], warmup_steps: int) -> dict[str, Any]:
+    """A trainer_run's (or hf_trainer_baseline.run_job's) figures: step_statistics, startup, the
+    peak torch.cuda.max_memory_allocated the steps logged, wall time and peak PSS; its records."""
+    allocated = [r.get(MEMORY_KEY) for r in run["records"]]
+    return {
+        **step_statistics(run["records"], warmup_steps),
+        "startup_seconds": run["startup_seconds"],
+        "startup_phases": run["startup_phases"],
+        MEMORY_KEY: max(filter(None, allocated), default=None),
+        "wall_seconds": run["process"]["process_wall_seconds"],
+        "peak_host_pss_gib": run["process"]["peak_pss_gib"],
+        "records": run["records"],
+    }
+
+
+def attempt(name: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """measure() with "ok": True, or for a run that failed (out of memory, unsupported dtype) the
+    error with "ok": False, printed, not raised: the other runs go on."""
+    try:
+        return {"ok": True, **measure()}
+    except (RuntimeError, OSError, ValueError, KeyError) as error:
+        print(f"[{name}] failed: {str(error)[:300]}", flush=True)
+        return {"ok": False, "error": str(error)[-3000:]}
 
 
 def device_description(num_ranks: int) -> dict[str, Any]:

@@ -1,14 +1,11 @@
 """The Hugging Face way to the first optimizer steps, timed by phase, with per-step records.
 
-Data from --manifest: transformers' examples/pytorch/speech-recognition/
-run_speech_recognition_ctc.py, in its order: load_dataset("csv"); normalize the transcripts and
-build the character vocab with `map`; cast the audio column to 16 kHz and `map` decode +
-resample + Wav2Vec2FeatureExtractor + tokenizer (num_proc workers, into the datasets cache);
-filter by duration. From --dataset (where HF `datasets` is absent): our shards, each item
-computed as that `map` would have stored it. Then `transformers.Trainer` with length-grouped
-batches for --max_steps steps, recording each step's time, audio and padding as our trainer's
-metrics.jsonl does. Model, feature extractor, tokenizer and text normalization are ours, so only
-the data path and the trainer differ. Alone or under torchrun; rank 0 writes the result:
+Data from --manifest: the data path of transformers' run_speech_recognition_ctc.py in its order
+(load_dataset("csv"), `map` text normalization and vocab, `map` decode + resample + features +
+tokens into the datasets cache, duration filter); from --dataset (no HF `datasets` needed): our
+shards, each item as that `map` stores it. Then `transformers.Trainer` with length-grouped
+batches, each step recorded as in our metrics.jsonl. Model, processor and text normalization
+are ours: only the data path and the trainer differ. Alone or under torchrun; rank 0 writes:
 
     HF_DATASETS_CACHE=cache python -m benchmarks.hf_trainer_baseline \
         --manifest corpus/all.tsv --output_dir run --result result.json
@@ -34,25 +31,6 @@ SAMPLING_RATE = 16_000
 MIN_SECONDS, MAX_SECONDS = 0.5, 30.0
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.hf_trainer_baseline", description=__doc__.split("\n\n")[0]
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--manifest", type=Path, help="Common Voice TSV (datasets `map`)")
-    source.add_argument("--dataset", type=Path, help="our prepared dataset")
-    parser.add_argument("--output_dir", type=Path, required=True, help="Trainer output_dir")
-    parser.add_argument("--result", type=Path, required=True, help="JSON file for the figures")
-    parser.add_argument("--model", default="tiny", help="model preset (default: tiny)")
-    parser.add_argument("--per_device_train_batch_size", type=int, default=8)
-    parser.add_argument("--num_proc", type=int, default=None, help="map workers")
-    parser.add_argument("--dataloader_num_workers", type=int, default=0)
-    parser.add_argument("--max_steps", type=int, default=1)
-    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs)")
-    parser.add_argument("--seed", type=int, default=42)
-    return parser.parse_args(argv)
-
-
 class PhaseClock:
     """Seconds per phase since process creation, the same origin as ours' startup.json."""
 
@@ -65,7 +43,7 @@ class PhaseClock:
         self.phases[phase], self.last = now - self.last, now
 
 
-# --- The recipe's map/filter functions; module level so datasets fingerprints them stably -------
+# The recipe's map and filter functions, at module level so that datasets fingerprints them stably.
 
 
 def resolve_paths(batch: dict[str, list], clips: str) -> dict[str, list]:
@@ -126,12 +104,9 @@ def recipe_dataset(
     clock.mark("text_and_vocab")
     raw = raw.cast_column("audio", datasets.Audio(sampling_rate=SAMPLING_RATE))
     tools = {"feature_extractor": processor.feature_extractor, "tokenizer": processor.tokenizer}
-    vectorized = raw.map(
-        prepare_example, fn_kwargs=tools, remove_columns=columns, num_proc=num_proc
-    )
-    vectorized = vectorized.filter(
-        in_length_range, input_columns=["input_length"], num_proc=num_proc
-    )
+    workers = {"num_proc": num_proc}
+    vectorized = raw.map(prepare_example, fn_kwargs=tools, remove_columns=columns, **workers)
+    vectorized = vectorized.filter(in_length_range, input_columns=["input_length"], **workers)
     clock.mark("map_decode_resample_features")
     return vectorized, processor, vocab
 
@@ -188,18 +163,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shards = ShardDataset(str(args.dataset))
         vocab_file = os.path.join(shards.path, shards.metadata["vocab"])
         processor = build_processor(model_args, vocab_file, SAMPLING_RATE)
-        train_set, lengths, vocab = (
-            ShardFeatures(shards, processor),
-            shards.num_samples,
-            shards.vocab,
-        )
+        train_set, vocab = ShardFeatures(shards, processor), shards.vocab
+        lengths = shards.num_samples
     torch.manual_seed(args.seed)
     model = build_model(model_args, vocab, SAMPLING_RATE)
     clock.mark("model_build")
-    # transformers < 5 spells length-grouped batches group_by_length=True.
-    names = {field.name for field in fields(TrainingArguments)}
-    grouping = {"group_by_length": True} if "group_by_length" in names else {}
-    grouping = grouping or {"train_sampling_strategy": "group_by_length"}
+    # Length-grouped batches; transformers < 5 spells it group_by_length=True.
+    grouping = {"train_sampling_strategy": "group_by_length"}
+    if "group_by_length" in {field.name for field in fields(TrainingArguments)}:
+        grouping = {"group_by_length": True}
     workers = args.dataloader_num_workers
     training_args = TrainingArguments(
         output_dir=str(args.output_dir),
@@ -243,14 +215,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def on_step_end(self, _: Any, state: Any, __: Any, **___: Any) -> None:
             now = time.perf_counter()
             step_time, self.last = now - self.last, now
-            steps.append(
-                {
-                    "step": state.global_step,
-                    "step_time": step_time,
-                    "audio_seconds_per_second": audio["real"] / SAMPLING_RATE / step_time,
-                    "padding_fraction": 1 - audio["real"] / audio["padded"],
-                }
-            )
+            record = {"step": state.global_step, "step_time": step_time}
+            record["audio_seconds_per_second"] = audio["real"] / SAMPLING_RATE / step_time
+            record["padding_fraction"] = 1 - audio["real"] / audio["padded"]
+            if torch.cuda.is_available():  # as our trainer logs it
+                record["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            steps.append(record)
             audio.update(real=0, padded=0)
             if state.global_step == 1:
                 clock.mark("first_optimizer_step")
@@ -269,30 +239,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     clock.mark("trainer_init")
     trainer.train()
-    cuda = torch.cuda.is_available()
     return {
-        "phases": clock.phases,
-        "total": sum(clock.phases.values()),
+        "startup_phases": clock.phases,
+        "startup_seconds": sum(clock.phases.values()),
         # No phase follows the first step, so the last mark is its end.
         "first_step_unix": clock.last,
         "records": [{**step, "loss": losses.get(step["step"], float("nan"))} for step in steps],
         "rows": len(train_set),
         "audio_hours": sum(lengths) / SAMPLING_RATE / 3600,
-        "max_memory_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "optimizer": str(training_args.optim),
     }
 
 
 def run_job(
-    work: Path,
-    label: str,
-    options: list[str],
-    environment: dict[str, str] | None = None,
-    torchrun: bool = False,
-    wait_for_idle: float = 0.0,
-) -> tuple[dict[str, Any], dict[str, Any]]:
+    work: Path, label: str, options: list[str], torchrun: bool = False, **sampling: Any
+) -> dict[str, Any]:
     """This script in a fresh process (under `torchrun --standalone`, 1 rank, if asked) with its
-    output in work/label, then removed; (its result, its process tree's summary)."""
+    output in work/label, then removed, sampled with harness.run_sampled's `sampling` options:
+    its result, with its process tree's summary as "process" (harness.trainer_run's keys)."""
     from benchmarks import harness
 
     output = work / label
@@ -302,13 +266,29 @@ def run_job(
         command += ["torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m"]
     command += ["benchmarks.hf_trainer_baseline", "--output_dir", str(output), *options]
     try:
-        return harness.run_job(command, work, label, environment, wait_for_idle)
+        result, process = harness.run_job(command, work, label, **sampling)
+        return {**result, "process": process}
     finally:
         shutil.rmtree(output, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.hf_trainer_baseline", description=__doc__.split("\n\n")[0]
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", type=Path, help="Common Voice TSV (datasets `map`)")
+    source.add_argument("--dataset", type=Path, help="our prepared dataset")
+    parser.add_argument("--output_dir", type=Path, required=True, help="Trainer output_dir")
+    parser.add_argument("--result", type=Path, required=True, help="JSON file for the figures")
+    parser.add_argument("--model", default="tiny", help="model preset (default: tiny)")
+    parser.add_argument("--per_device_train_batch_size", type=int, default=8)
+    parser.add_argument("--num_proc", type=int, default=None, help="map workers")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--max_steps", type=int, default=1)
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs)")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     result = run(args)
     if int(os.environ.get("RANK", "0")) == 0:
         args.result.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

@@ -1,27 +1,16 @@
 """Preprocessing speed (× real time) and peak memory: our Ray pipeline, the limit, HF datasets.
 
-Task: Common Voice MP3 (48 kHz) -> 16 kHz float32 in Arrow files on N = --num_cpus cores. Each
-system runs in a fresh process whose whole tree is sampled (benchmarks/process_tree.py):
-
-* ours: preprocess.prepare_dataset.prepare (Ray Data decode+resample fused with the shard
-  writer) after a ray.init() timed apart; 'incl. Ray start' adds it, as HF starts no cluster.
-* the limit: N processes started together after their imports, each running
-  preprocess.audio_decoding.load (soundfile + soxr HQ, our code path) in a tight loop over its
-  share of the rows, from the first start to the last finish: no writing, no scheduling.
-  Measured before and after the systems; the faster counts. Target: ours at 80 % of it.
-* HF datasets 3.6: the data path of transformers' run_speech_recognition_ctc.py
-  (benchmarks/hf_trainer_baseline.py): load_dataset("csv"), text normalization and vocab,
-  cast_column("audio", Audio(16000)) and the `map` (decode in float64, librosa soxr_hq resample,
-  feature extractor, which normalizes audio, as ours does in the collator; tokenizer) with
-  num_proc=N into the datasets cache, then the duration filter.
-
-× real time = seconds of 16 kHz audio out / wall seconds, Python imports excluded everywhere.
-Corpora synthesize --unique_hours and hard-link the rest, written just before: reads hit the
-page cache, and every row is still decoded. Memory: the PSS sum over the tree at one instant.
-details per system: RSS sums, CPU seconds by process group (driver, ray workers, raylet, GCS,
-dashboard, other Ray daemons, forks of the driver), and for ours cpu_share_by_group, the
-machine's CPU capacity during the run split into those groups, idle, and other work. A
-measurement where other work took over 8 % of the machine's CPU is rerun, up to --repeats runs.
+Task: Common Voice MP3 (48 kHz) -> 16 kHz float32 in Arrow files on N = --num_cpus cores, each
+system in a fresh process whose whole tree is sampled (process_tree.py). Ours:
+preprocess.prepare_dataset.prepare after a ray.init() timed apart ('incl. Ray start' adds it,
+as HF starts no cluster). The limit: N processes decoding their shares with our
+preprocess.audio_decoding.load in a tight loop, no writing, no scheduling; measured before and
+after the systems, the faster counts; target: ours at 80 % of it. HF datasets 3.6: the data
+path of transformers' run_speech_recognition_ctc.py (hf_trainer_baseline.py) with num_proc=N.
+× real time: seconds of 16 kHz audio out per wall second, imports excluded. Corpora synthesize
+--unique_hours and hard-link the rest, so reads hit the page cache. Memory: the PSS sum over
+the tree at one instant. A run that other work disturbed (over 8 % of the CPU) is rerun, up to
+--repeats runs.
 
     python -m benchmarks.preprocess_throughput --hours 1 10
     python -m benchmarks.preprocess_throughput --quick
@@ -41,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import harness
-from benchmarks.benchmark_results import finish, result_row
+from benchmarks.benchmark_results import figure_rows, finish, result_row
 from benchmarks.harness import SAMPLING_RATE
 from benchmarks.process_tree import least_disturbed, machine_cores
 
@@ -51,17 +40,12 @@ HF_NAME = "HF datasets 3.6 map(num_proc)"
 
 
 def own_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rows_per_task", type=int, help="PreprocessArguments'")
-    parser.add_argument("--decode_batch_size", type=int, help="PreprocessArguments'")
     parser.add_argument("--skip_hf", action="store_true", help="measure ours and the limit only")
     # Internal: the parent re-invokes this module to run one system in a fresh process.
     parser.add_argument("--child", choices=("ours", "hf"), help=argparse.SUPPRESS)
     parser.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child_output", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-
-
-# --- Child processes: one system each, timing only its own work ----------------------------------
 
 
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,15 +55,10 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     from argument_classes import ManifestArguments, PreprocessArguments
     from preprocess.prepare_dataset import prepare
 
-    options = ("num_cpus", "object_store_memory", "rows_per_task", "decode_batch_size")
-    given = {key: getattr(args, key) for key in options if getattr(args, key) is not None}
-    preprocess = PreprocessArguments(output_dir=str(args.child_output), **given)
+    ray_options = {"num_cpus": args.num_cpus, "object_store_memory": args.object_store_memory}
+    preprocess = PreprocessArguments(output_dir=str(args.child_output), **ray_options)
     started = time.perf_counter()
-    ray.init(
-        num_cpus=args.num_cpus,
-        object_store_memory=args.object_store_memory,
-        include_dashboard=False,
-    )
+    ray.init(**ray_options, include_dashboard=False)
     ray_started = time.perf_counter()
     summary = prepare(ManifestArguments(manifest=str(args.manifest)), preprocess)
     finished = time.perf_counter()
@@ -89,8 +68,6 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": finished - ray_started,
         "ray_start_seconds": ray_started - started,
         **{key: summary[key] for key in ("pipeline_seconds", "accepted", "rejected", "shards")},
-        "rows_per_task": preprocess.rows_per_task,
-        "decode_batch_size": preprocess.decode_batch_size,
     }
 
 
@@ -132,9 +109,6 @@ def decode_share(files: list[str], barrier: Any, results: Any) -> None:
     results.put((samples, started, time.monotonic(), time.process_time() - cpu_started))
 
 
-# --- Parent: corpus, limit, children, rows -------------------------------------------------------
-
-
 def measure_limit(files: list[str], processes: int) -> dict[str, Any]:
     """`processes` decode loops over interleaved shares of `files`, from the common start to
     the last one's end (the monotonic clock is the same in every process)."""
@@ -167,12 +141,13 @@ def run_system(system: str, args: argparse.Namespace, manifest: Path, work: Path
     shutil.rmtree(output, ignore_errors=True)
     command = [sys.executable, "-m", f"benchmarks.{NAME}", "--child", system]
     command += ["--manifest", str(manifest), "--child_output", str(output)]
-    for option in ("num_cpus", "object_store_memory", "rows_per_task", "decode_batch_size"):
+    for option in ("num_cpus", "object_store_memory"):
         value = getattr(args, option)
         command += [] if value is None else [f"--{option}", str(value)]
     # HF's cache goes to `output` too, so both sides' output is measured and removed alike.
     environment = {"HF_DATASETS_CACHE": str(output)}
-    result, memory = harness.run_job(command, work, f"{system}-{manifest.parent.name}", environment)
+    label = f"{system}-{manifest.parent.name}"
+    result, memory = harness.run_job(command, work, label, environment=environment)
     output_bytes = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
     shutil.rmtree(output, ignore_errors=True)  # frees disk and page cache for the next system
     speed = result["audio_seconds"] / result["seconds"]
@@ -232,21 +207,16 @@ def build_rows(sizes: list[dict[str, Any]], num_cpus: int) -> list[dict[str, Any
             rows.append(result_row(memory, ours_pss, hf_pss, HF_NAME, "GiB", False))
     if len(sizes) > 1:
         small, large = min(sizes, key=lambda s: s["hours"]), max(sizes, key=lambda s: s["hours"])
-        rows.append(
-            result_row(
-                f"peak memory (PSS) at {large['hours']:g} h, {num_cpus} cores",
-                large["ours"]["memory"]["peak_pss_gib"],
-                small["ours"]["memory"]["peak_pss_gib"],
-                f"ours at {small['hours']:g} h",
-                "GiB",
-                higher_is_better=False,
-            )
+        metric = f"peak memory (PSS) at {large['hours']:g} h, {num_cpus} cores"
+        figure, anchor = (
+            [(metric, "peak_pss_gib", "GiB", False, True)],
+            f"ours at {small['hours']:g} h",
         )
+        rows += figure_rows(large["ours"]["memory"], small["ours"]["memory"], anchor, figure)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     shared = {"hours": [1.0, 10.0], "unique_hours": 0.5, "seed": 0, "num_cpus": None}
     shared |= {"object_store_memory": None, "repeats": 3, "wait_for_idle": 0.0, "work_dir": None}
     quick = {"hours": [0.02], "unique_hours": 0.02}
@@ -258,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with harness.work_directory(args.work_dir) as work:
         sizes = [measure_size(hours, args, work) for hours in args.hours]
-    details = {"num_cpus": args.num_cpus, "unique_hours": args.unique_hours, "sizes": sizes}
-    return finish(NAME, __doc__, args, argv, build_rows(sizes, args.num_cpus), details)
+    return finish(args, build_rows(sizes, args.num_cpus), {"sizes": sizes})
 
 
 if __name__ == "__main__":

@@ -1,15 +1,10 @@
 """Peak memory and CPU time of a process together with all of its descendants.
 
-Ray runs a driver, GCS, raylet, dashboard, other daemons and one worker per core;
-`datasets.map(num_proc=N)` forks N workers. Their memory only means something summed at one
-instant (per-process peaks never coincide), so a background thread samples the whole tree.
-
-RSS counts a shared page (forked heaps, libraries, Ray's object store in /dev/shm) once per
-process that maps it: an upper bound. PSS charges it 1/n to each of its n users, so the PSS sum
-is the tree's real footprint and the headline figure. Reading PSS walks every page table
-(~1.5 ms per Ray process), so RSS (~15 µs) is read every interval and PSS only when the RSS sum
-grew 5 % since PSS was last read, or every 2 s: the PSS peak is taken within
-5 % of the memory peak at a fraction of the cost.
+Ray's daemons and workers, or datasets' forked `map` workers, only mean something summed at one
+instant, so a background thread samples the whole tree. PSS, which charges a shared page 1/n to
+each of its n users, is the tree's real footprint (RSS counts it n times). Reading it walks
+every page table (~1.5 ms per Ray process), so RSS (~15 µs) is read every interval and PSS
+only after the RSS sum grew 5 %, or every 2 s: the PSS peak within 5 % at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -29,6 +24,7 @@ PSS_INTERVAL_SECONDS = 2.0
 # A measurement where other work took more of the machine's CPU capacity than this is rerun.
 TOLERATED_DISTURBANCE = 0.08
 FORKS = "forks of the driver"
+EXITED = "exited before it was named"
 
 
 def machine_cores() -> int:
@@ -37,15 +33,15 @@ def machine_cores() -> int:
 
 
 def process_group(process: psutil.Process, root_pid: int, root_cmdline: list[str]) -> str:
-    """The group a process's CPU time and memory are reported under.
-
-    Ray's: driver, ray workers, raylet, GCS, dashboard (with its agent), other Ray daemons;
-    forks of the driver (datasets' map workers, DataLoader workers); anything else by script.
-    """
+    """The group a process's CPU time and memory are reported under: Ray's driver, ray workers,
+    raylet, GCS, dashboard (with its agent), other Ray daemons; forks of the driver (datasets'
+    map workers, DataLoader workers); anything else by script."""
     if process.pid == root_pid:
         return "driver"
     name, cmdline = process.name(), process.cmdline()
-    command = " ".join(cmdline) or name  # a process exiting has no command line, only a name
+    if not cmdline:  # first seen while exiting: the command line is gone, only a name is left
+        return EXITED
+    command = " ".join(cmdline)
     if name in ("raylet", "gcs_server"):  # their command lines name the worker script too
         return "raylet" if name == "raylet" else "GCS"
     # Ray renames its workers "ray::IDLE" etc. only after they have started.
@@ -63,18 +59,12 @@ def process_group(process: psutil.Process, root_pid: int, root_cmdline: list[str
 
 class _TreeSampler(threading.Thread):
     """Samples `root_pid` and its descendants every `interval_seconds` until `stop` is set.
-
-    CPU time per process is the last value seen: a process that exits between samples loses at
-    most one interval of it.
-    """
+    CPU time per process is the last value seen: one that exits loses at most an interval."""
 
     def __init__(self, root_pid: int, interval_seconds: float) -> None:
         super().__init__(name="process-tree-sampler", daemon=True)
-        self.root_pid, self.interval_seconds, self.stop = (
-            root_pid,
-            interval_seconds,
-            threading.Event(),
-        )
+        self.root_pid, self.interval_seconds = root_pid, interval_seconds
+        self.stop = threading.Event()
         self.peak = {"rss": 0, "pss": 0, "processes": 0, "samples": 0, "pss_samples": 0}
         self.peak_pss_by_kind: dict[str, int] = {}
         self.cpu_seconds: dict[int, tuple[str, float]] = {}  # pid: (group, CPU seconds)
@@ -112,9 +102,8 @@ class _TreeSampler(threading.Thread):
         peak, now = self.peak, time.monotonic()
         peak["samples"] += 1
         peak["processes"], peak["rss"] = max(peak["processes"], len(alive)), max(peak["rss"], rss)
-        if rss > PSS_RESAMPLE_GROWTH * self.last_pss[1] or (
-            now - self.last_pss[0] >= PSS_INTERVAL_SECONDS
-        ):
+        last_time, last_rss = self.last_pss
+        if rss > PSS_RESAMPLE_GROWTH * last_rss or now - last_time >= PSS_INTERVAL_SECONDS:
             self.last_pss, by_kind = (now, rss), {}
             for process, kind in alive:
                 with contextlib.suppress(psutil.Error):
@@ -176,12 +165,11 @@ def wait_until_idle(max_wait_seconds: float, busy_fraction: float = 0.15) -> flo
 def least_disturbed(
     measure: Callable[[], dict[str, Any]], runs: int, wait_for_idle: float
 ) -> dict[str, Any]:
-    """Runs `measure` until other work took at most 8 % of the machine's CPU, at most `runs` times.
+    """Runs `measure` until other work took at most 8 % of the machine's CPU, at most `runs` times,
+    each after waiting up to `wait_for_idle` s for an idle machine; the least disturbed result.
 
-    Each run first waits up to `wait_for_idle` seconds for an idle machine. Other work is the
-    machine's busy time minus this process and its reaped children, or, for a result with a
-    process tree's summary under "memory" (Ray's daemons are not reaped here), the tree's figure.
-    Returns the least disturbed result, with every run's disturbance in "attempt_disturbances".
+    Other work: the machine's busy time minus this process and its reaped children, or for a
+    result with a tree's summary under "memory" (Ray's daemons are not reaped here), its figure.
     """
 
     def own_cpu_seconds() -> float:
@@ -194,10 +182,8 @@ def least_disturbed(
         system, own, started = system_busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
         result = measure()
         system, own = system_busy_cpu_seconds() - system, own_cpu_seconds() - own
-        result |= {
-            "machine_busy_before": busy_before,
-            "metered_seconds": time.perf_counter() - started,
-        }
+        result["machine_busy_before"] = busy_before
+        result["metered_seconds"] = time.perf_counter() - started
         result["cpu_seconds_outside_process"] = max(0.0, system - own)
         tree = result.get("memory", {})
         other = tree.get("cpu_seconds_outside_tree", result["cpu_seconds_outside_process"])

@@ -1,16 +1,11 @@
 """Training throughput (audio seconds per second, step time) by model size and ZeRO stage.
 
-Runs train/run_finetuning.py through the deepspeed launcher as a user would (every GPU; without
-one, 2 CPU gloo ranks with an equal share of the cores) per preset (random-init `tiny`, `base`,
-`large`) × ZeRO stage (ds_configs/zero{1,2,3}_{bf16,fp32}.json) × precision on a prepared
-demo-corpus dataset, frozen feature encoder, one micro-batch per step of at most
-max_batch_seconds of padded audio per rank. Anchors: ZeRO-2 (the default) with the same model,
-precision and batches; fp32 with the same model and stage.
-
-Audio s/s = unpadded audio seconds over all ranks of the --steps measured steps (after
---warmup_steps) over their summed step time, from metrics.jsonl; the fastest of --repeats
-repeats, run in turn over all configurations (every run is in details.runs, failed ones, out of
-memory or unsupported dtype, with their error).
+train/run_finetuning.py through the deepspeed launcher (every GPU; without one, 2 CPU gloo
+ranks) per preset × ZeRO stage (ds_configs/zero{1,2,3}_{bf16,fp32}.json) × precision on a
+prepared demo-corpus dataset, one micro-batch of at most max_batch_seconds of padded audio per
+rank and step. Anchors: ZeRO-2 with the same model, precision and batches; fp32 with the same
+model and stage. Audio s/s: harness.step_statistics after --warmup_steps, the fastest of
+--repeats runs, taken in turn over all configurations (failed ones in details.runs).
 
     python -m benchmarks.training_throughput                      # tiny and base, ZeRO-1/2/3
     python -m benchmarks.training_throughput --presets large --stages 2 --steps 2
@@ -22,7 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +25,6 @@ from benchmarks import harness
 from benchmarks.benchmark_results import figure_rows, finish
 
 NAME = "training_throughput"
-BASELINE_STAGE = 2
 
 
 @dataclass(frozen=True)
@@ -47,19 +41,14 @@ class Configuration:
 
 
 def own_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--presets", nargs="+", choices=("tiny", "base", "large"), default=["tiny", "base"]
-    )
+    presets = ("tiny", "base", "large")
+    parser.add_argument("--presets", nargs="+", choices=presets, default=["tiny", "base"])
     parser.add_argument("--stages", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3])
     parser.add_argument("--precision", nargs="+", choices=("bf16", "fp32"), default=["bf16"])
     parser.add_argument("--steps", type=int, default=5, help="measured steps")
     parser.add_argument("--warmup_steps", type=int, default=2, help="steps before measuring")
-    parser.add_argument(
-        "--max_batch_seconds",
-        type=float,
-        nargs="+",
-        help="per rank, one value or one per preset; None: 200 on GPUs, 16 on CPU",
-    )
+    batch = "per rank, one value or one per preset; None: 200 on GPUs, 16 on CPU"
+    parser.add_argument("--max_batch_seconds", type=float, nargs="+", help=batch)
     parser.add_argument("--num_ranks", type=int, help="launcher ranks; None: GPUs, else 2")
     parser.add_argument("--dataloader_num_workers", type=int, help="None: 2 on GPUs, 1 on CPU")
 
@@ -87,33 +76,25 @@ def resolve_defaults(args: argparse.Namespace) -> dict[str, Any]:
 def run_configuration(
     configuration: Configuration, dataset: Path, args: argparse.Namespace, work: Path, repeat: int
 ) -> dict[str, Any]:
-    """One launcher run; a failure is returned as {'ok': False, 'error': ...}, not raised."""
+    """One launcher run's harness.training_figures; a failure is returned, not raised."""
     c = configuration
-    result: dict[str, Any] = {**asdict(c), "repeat": repeat}
     print(f"[{NAME}] {c.label()} (repeat {repeat})", flush=True)
-    try:
-        label, config = (
-            f"run-{c.preset}-zero{c.stage}-{c.precision}-{repeat}",
-            harness.ds_config(c.stage, c.precision),
-        )
-        launch = (args.warmup_steps + args.steps, c.max_batch_seconds, args.num_ranks)
-        launch += (args.dataloader_num_workers, args.wait_for_idle)
-        run = harness.trainer_run(work, label, dataset, c.preset, config, *launch)
-        result.update(harness.step_statistics(run["records"], args.warmup_steps))
-        result["startup"] = {**run["startup_phases"], "total": run["startup_seconds"]}
-        result["steps"] = [r for r in run["records"] if "loss" in r]
-        result.update(process=run["process"], ok=True)
-    except (RuntimeError, OSError, ValueError) as error:
-        result.update(ok=False, error=str(error)[-3000:])
-        print(f"[{NAME}] failed: {str(error)[:300]}", flush=True)
-    return result
+    output = work / f"run-{c.preset}-zero{c.stage}-{c.precision}-{repeat}"
+    steps, config = args.warmup_steps + args.steps, harness.ds_config(c.stage, c.precision)
+    launch = (c.preset, config, steps, c.max_batch_seconds, args.num_ranks)
+    options = {"dataloader_num_workers": args.dataloader_num_workers}
+    options["wait_for_idle"] = args.wait_for_idle
+
+    def measure() -> dict[str, Any]:
+        run = harness.trainer_run(dataset, output, *launch, **options)
+        return harness.training_figures(run, args.warmup_steps)
+
+    return {**asdict(c), "repeat": repeat, **harness.attempt(NAME, measure)}
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[Configuration, dict[str, Any]]:
-    """Per configuration, its fastest successful repeat: on a shared machine, the least disturbed.
-
-    One whole run rather than medians of each figure, so the figures stay consistent.
-    """
+    """Per configuration, its fastest successful repeat (on a shared machine, the least
+    disturbed): one whole run rather than medians of each figure, so the figures agree."""
     best: dict[Configuration, dict[str, Any]] = {}
     for run in filter(lambda run: run["ok"], runs):
         key = Configuration(run["preset"], run["stage"], run["precision"], run["max_batch_seconds"])
@@ -124,23 +105,13 @@ def summarize(runs: list[dict[str, Any]]) -> dict[Configuration, dict[str, Any]]
     return {key: {figure: run[figure] for figure in figures} for key, run in best.items()}
 
 
-def build_rows(
-    summary: dict[Configuration, dict[str, Any]], device: dict[str, Any]
-) -> list[dict[str, Any]]:
+def build_rows(summary: dict[Configuration, dict], device: dict[str, Any]) -> list[dict[str, Any]]:
     """Each stage vs ZeRO-2, and bf16 vs fp32, for the same preset; step time as detail rows."""
     where = f"{device['ranks']} {'GPU' if device['kind'] == 'cuda' else 'CPU'} ranks"
-    anchors = [
-        (c, Configuration(c.preset, BASELINE_STAGE, c.precision, c.max_batch_seconds), "ZeRO-2")
-        for c in summary
-        if c.stage != BASELINE_STAGE
-    ]
-    anchors += [
-        (c, Configuration(c.preset, c.stage, "fp32", c.max_batch_seconds), "fp32")
-        for c in summary
-        if c.precision == "bf16"
-    ]
+    stages = [(c, replace(c, stage=2), "ZeRO-2") for c in summary if c.stage != 2]
+    dtypes = [(c, replace(c, precision="fp32"), "fp32") for c in summary if c.precision == "bf16"]
     rows = []
-    for ours, anchor, changed in anchors:
+    for ours, anchor, changed in stages + dtypes:
         if anchor not in summary:
             continue
         anchor_name = f"{changed}, same model and {'precision' if changed == 'ZeRO-2' else 'stage'}"
@@ -154,7 +125,6 @@ def build_rows(
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     shared = {"dataset": None, "hours": None, "unique_hours": 0.25, "seed": 0, "num_cpus": None}
     shared |= {"repeats": 1, "wait_for_idle": 0.0, "work_dir": None}
     quick = {"presets": ["tiny"], "stages": [2, 3], "precision": ["bf16"], "steps": 2}
@@ -176,19 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             for configuration in configurations
         ]
     summary = summarize(runs)
-    details = {
-        "device": device,
-        "num_ranks": args.num_ranks,
-        "steps": args.steps,
-        "warmup_steps": args.warmup_steps,
-        "dataloader_num_workers": args.dataloader_num_workers,
-        "dataset": str(dataset),
-        "corpus_hours": None if args.dataset else args.hours,
-        "preprocess_seconds": preprocess_seconds,
-        "summary": [{**asdict(c), **v} for c, v in summary.items()],
-        "runs": runs,
-    }
-    return finish(NAME, __doc__, args, argv, build_rows(summary, device), details)
+    details = {"device": device, "dataset": str(dataset), "preprocess_seconds": preprocess_seconds}
+    details |= {"summary": [{**asdict(c), **v} for c, v in summary.items()], "runs": runs}
+    return finish(args, build_rows(summary, device), details)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,8 @@
 """Renders every benchmarks/results/*.json as one Markdown table: RESULTS.md and the README.
 
-Works for any result that follows the schema in benchmarks/benchmark_results.py (a "rows" list
-and a "machine"); files that do not are skipped with a warning, quick smoke runs unless asked
-for. Each row shows ours, its anchor measured in the same run, the ratio and the machine.
-README.md is only touched between ``<!-- results:start -->`` and ``<!-- results:end -->`` and
-gets the headline rows only.
+Any result in the schema of benchmarks/benchmark_results.py renders; files without a "rows"
+list are skipped with a warning, quick smoke runs unless asked for. README.md is only touched
+between ``<!-- results:start -->`` and ``<!-- results:end -->`` and gets the headline rows only.
 
     python -m benchmarks.update_readme_table
 """
@@ -20,21 +18,9 @@ from typing import Any
 
 from benchmarks.benchmark_results import REPO_ROOT, RESULTS_DIR, machine_summary
 
-START_MARKER = "<!-- results:start -->"
-END_MARKER = "<!-- results:end -->"
+START_MARKER, END_MARKER = "<!-- results:start -->", "<!-- results:end -->"
 COLUMNS = ("Benchmark", "What is compared", "Ours", "Anchor", "Ours / anchor", "Machine")
 Results = list[tuple[Path, dict[str, Any]]]
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.update_readme_table", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--results_dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--results_md", type=Path, default=RESULTS_DIR.parent / "RESULTS.md")
-    parser.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md")
-    parser.add_argument("--include_quick", action="store_true", help="also list --quick runs")
-    return parser.parse_args(argv)
 
 
 def load_results(results_dir: Path, include_quick: bool) -> Results:
@@ -54,9 +40,7 @@ def load_results(results_dir: Path, include_quick: bool) -> Results:
 
 
 def format_number(value: Any) -> str:
-    """Three significant digits, thousands separated; anything non-numeric as text."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return "–" if value is None else str(value)
+    """Three significant digits, thousands separated."""
     if abs(value) >= 100:
         return f"{value:,.0f}"
     return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
@@ -64,16 +48,10 @@ def format_number(value: Any) -> str:
 
 def format_ratio(row: dict[str, Any]) -> str:
     """ours / anchor, marked lead or trail according to higher_is_better."""
-    ratio, ours, anchor = row.get("ratio"), row.get("ours"), row.get("baseline")
-    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (ours, anchor))
-    if ratio is None and numeric and anchor:
-        ratio = ours / anchor
-    if not isinstance(ratio, int | float):
-        return "–"
-    higher_is_better = row.get("higher_is_better")
-    if higher_is_better is None or ratio == 1:
-        return f"{ratio:.2f}"
-    leads = ratio > 1 if higher_is_better else ratio < 1
+    ratio = row["ratio"]
+    if ratio is None or ratio == 1:
+        return "–" if ratio is None else f"{ratio:.2f}"
+    leads = (ratio > 1) == row["higher_is_better"]
     return f"{ratio:.2f} ({'lead' if leads else 'trail'})"
 
 
@@ -81,25 +59,28 @@ def render_table(results: Results, headline_only: bool, link_base: Path) -> str:
     """Markdown table, one line per row; links to the JSON files relative to `link_base`."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for path, document in results:
-        name = document.get("benchmark") or path.stem
-        link = Path(os.path.relpath(path, link_base)).as_posix()
-        machine = document.get("machine")
-        machine_text = machine_summary(machine) if isinstance(machine, dict) else "?"
+        link = f"[{document.get('benchmark') or path.stem}]({relative(path, link_base)})"
+        machine = machine_summary(document["machine"]) if "machine" in document else "?"
         for row in document["rows"]:
-            if not isinstance(row, dict) or (headline_only and not row.get("headline", True)):
+            if headline_only and not row["headline"]:
                 continue
-            unit = f" {row['unit']}" if row.get("unit") else ""
+            unit = f" {row['unit']}" if row["unit"] else ""
             cells = (
-                f"[{name}]({link})",
-                f"{row.get('metric', '?')}; anchor = {row.get('baseline_name', '?')}",
-                format_number(row.get("ours")) + unit,
-                format_number(row.get("baseline")) + unit,
+                link,
+                f"{row['metric']}; anchor = {row['baseline_name']}",
+                format_number(row["ours"]) + unit,
+                format_number(row["baseline"]) + unit,
                 format_ratio(row),
-                machine_text,
+                machine,
             )
             cells = tuple(c.replace("|", "\\|").replace("\n", " ") for c in cells)
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def relative(path: Path, base: Path) -> str:
+    """`path` relative to `base`, with forward slashes, as Markdown links want it."""
+    return Path(os.path.relpath(path, base)).as_posix()
 
 
 def render_results_md(results: Results, results_md: Path) -> str:
@@ -124,37 +105,36 @@ def render_results_md(results: Results, results_md: Path) -> str:
         lines = [f"- {label}: {quote}{value}{quote}" for label, value, quote in facts if value]
         lines += [f"- {note}" for note in document.get("notes") or []]
         parts.append("\n".join(lines) + "\n")
-        plot = document.get("plot")
-        if plot and (path.parent / plot).exists():
-            parts.append(
-                f"![{name}]({Path(os.path.relpath(path.parent / plot, base)).as_posix()})\n"
-            )
+        plot = path.parent / (document.get("plot") or "")
+        if document.get("plot") and plot.exists():
+            parts.append(f"![{name}]({relative(plot, base)})\n")
     return "\n".join(parts)
 
 
-def replace_between_markers(text: str, table: str) -> str | None:
-    """`text` with the marked block replaced, or None if the markers are missing or misordered."""
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
-    if start < 0 or end < start:
-        return None
-    return text[: start + len(START_MARKER)] + "\n\n" + table + "\n" + text[end:]
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.update_readme_table", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--results_dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--results_md", type=Path, default=RESULTS_DIR.parent / "RESULTS.md")
+    parser.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md")
+    parser.add_argument("--include_quick", action="store_true", help="also list --quick runs")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     results = load_results(args.results_dir, args.include_quick)
     args.results_md.write_text(render_results_md(results, args.results_md), encoding="utf-8")
     print(f"wrote {args.results_md} ({sum(len(d['rows']) for _, d in results)} rows)")
     if not args.readme.exists():
         return 0
     readme = args.readme.read_text(encoding="utf-8")
-    link = Path(os.path.relpath(args.results_md, args.readme.parent)).as_posix()
+    link = relative(args.results_md, args.readme.parent)
     table = render_table(results, headline_only=True, link_base=args.readme.parent)
     table += f"\nAll rows, notes and plots: [{link}]({link}).\n"
-    updated = replace_between_markers(readme, table)
-    if updated is None:
+    start, end = readme.find(START_MARKER), readme.find(END_MARKER)
+    if start < 0 or end < start:
         print(f"{args.readme} has no {START_MARKER} ... {END_MARKER} block; left unchanged")
-    elif updated != readme:
+        return 0
+    updated = readme[: start + len(START_MARKER)] + "\n\n" + table + "\n" + readme[end:]
+    if updated != readme:
         args.readme.write_text(updated, encoding="utf-8")
         print(f"updated the results table in {args.readme}")
     return 0

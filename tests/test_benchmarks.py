@@ -98,7 +98,7 @@ def test_preprocess_throughput(tmp_path, work_dir) -> None:
         assert {"driver", "ray workers", "raylet", "GCS"} <= groups
         # Every process in a named group (a child caught between its fork and exec is a fork).
         named = {"driver", "ray workers", "raylet", "GCS", "dashboard", "other Ray daemons"}
-        assert groups <= named | {"forks of the driver"}
+        assert groups <= named | {"forks of the driver", "exited before it was named"}
         assert hf["memory"]["cpu_seconds_by_kind"]["forks of the driver"] > 0
         # The machine's capacity, split into the groups, idle and other work, adds up (but for
         # the sampler's own share).
@@ -253,6 +253,7 @@ def test_update_readme_table_renders_any_schema_conforming_result(tmp_path) -> N
         "ratio": 1.5,
         "unit": "samples/s",
         "higher_is_better": True,
+        "headline": True,
     }
     # A benchmark this module has never heard of, with one non-headline row.
     write_json(
@@ -263,11 +264,9 @@ def test_update_readme_table_renders_any_schema_conforming_result(tmp_path) -> N
             "rows": [row, {**row, "metric": "detail only", "headline": False}],
         },
     )
-    # Sparse rows are rendered with placeholders; lower-is-better ratios below 1 are leads.
-    write_json(
-        results / "startup.json",
-        {"rows": [{"metric": "startup", "ours": 2.0, "baseline": 4.0, "higher_is_better": False}]},
-    )
+    # Without a machine or a unit; lower-is-better ratios below 1 are leads.
+    startup = {**row, "metric": "startup", "ours": 2.0, "baseline": 4.0, "ratio": 0.5, "unit": ""}
+    write_json(results / "startup.json", {"rows": [{**startup, "higher_is_better": False}]})
     write_json(results / "smoke-quick.json", {"quick": True, "machine": machine, "rows": [row]})
     (results / "broken.json").write_text("{not json", encoding="utf-8")
     write_json(results / "no_rows.json", {"benchmark": "x"})
