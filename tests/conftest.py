@@ -33,6 +33,21 @@ def german_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session")
+def sharded_dataset(ray_local, german_corpus, tmp_path_factory) -> Path:
+    """The corpus's train split prepared for real in small tasks: three shards, to read only
+    (copy it before damaging it)."""
+    from argument_classes import ManifestArguments, PreprocessArguments
+    from preprocess.prepare_dataset import prepare
+
+    output = tmp_path_factory.mktemp("sharded") / "train"
+    prepare(
+        ManifestArguments(manifest=str(german_corpus / "train.tsv")),
+        PreprocessArguments(output_dir=str(output), rows_per_task=8),
+    )
+    return output
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -8,21 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from argument_classes import ManifestArguments, PreprocessArguments
 from preprocess.dataset_cache import CacheIntegrityError, cache_dataset, cache_path
-from preprocess.prepare_dataset import prepare
 from preprocess.shard_format import DATASET_JSON, ShardDataset
-
-
-@pytest.fixture(scope="module")
-def prepared(ray_local, german_corpus, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("cache_source") / "train"
-    prepare(
-        ManifestArguments(manifest=str(german_corpus / "train.tsv")),
-        # Small shards, so the dataset has several and a partial cache is possible.
-        PreprocessArguments(output_dir=str(output), max_shard_bytes=200_000, decode_batch_size=2),
-    )
-    return output
 
 
 def upload(directory: Path, bucket: str) -> str:
@@ -40,15 +27,15 @@ def shard_names(directory: Path) -> list[str]:
     return [shard["name"] for shard in json.loads((directory / DATASET_JSON).read_text())["shards"]]
 
 
-def test_cold_then_warm_cache_reads_the_same_dataset(s3_server, prepared, tmp_path):
-    uri = upload(prepared, "cold-warm")
-    names = shard_names(prepared)
+def test_cold_then_warm_cache_reads_the_same_dataset(s3_server, sharded_dataset, tmp_path):
+    uri = upload(sharded_dataset, "cold-warm")
+    names = shard_names(sharded_dataset)
     assert len(names) >= 3
 
     cold = cache_dataset(uri, str(tmp_path))
     assert cold.path == cache_path(uri, str(tmp_path))
     assert set(names) <= set(cold.downloaded)
-    cached, local = ShardDataset(cold.path), ShardDataset(str(prepared))
+    cached, local = ShardDataset(cold.path), ShardDataset(str(sharded_dataset))
     assert len(cached) == len(local)
     for index in range(len(local)):
         assert cached[index]["id"] == local[index]["id"]
@@ -59,10 +46,12 @@ def test_cold_then_warm_cache_reads_the_same_dataset(s3_server, prepared, tmp_pa
     assert warm.kept == len(names)
 
 
-def test_interrupted_download_is_redone_and_verified_shards_are_kept(s3_server, prepared, tmp_path):
-    uri = upload(prepared, "interrupted")
+def test_interrupted_download_is_redone_and_verified_shards_are_kept(
+    s3_server, sharded_dataset, tmp_path
+):
+    uri = upload(sharded_dataset, "interrupted")
     path = Path(cache_dataset(uri, str(tmp_path)).path)
-    lost = shard_names(prepared)[1]
+    lost = shard_names(sharded_dataset)[1]
     # A download killed midway: the shard exists only as a partial file, and dataset.json was
     # never written for this state.
     (path / lost).rename(path / f"{lost}.part")
@@ -74,17 +63,17 @@ def test_interrupted_download_is_redone_and_verified_shards_are_kept(s3_server, 
 
     again = cache_dataset(uri, str(tmp_path))
     assert lost in again.downloaded
-    assert not set(shard_names(prepared)) - {lost} & set(again.downloaded)
+    assert not set(shard_names(sharded_dataset)) - {lost} & set(again.downloaded)
     assert not list(path.rglob("*.part"))
-    assert len(ShardDataset(str(path))) == len(ShardDataset(str(prepared)))
+    assert len(ShardDataset(str(path))) == len(ShardDataset(str(sharded_dataset)))
 
 
-def test_a_corrupted_remote_shard_is_never_cached(s3_server, prepared, tmp_path):
+def test_a_corrupted_remote_shard_is_never_cached(s3_server, sharded_dataset, tmp_path):
     import boto3
 
-    uri = upload(prepared, "corrupted")
-    name = shard_names(prepared)[0]
-    data = bytearray((prepared / name).read_bytes())
+    uri = upload(sharded_dataset, "corrupted")
+    name = shard_names(sharded_dataset)[0]
+    data = bytearray((sharded_dataset / name).read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, so only the checksum can tell
     boto3.client("s3").put_object(Bucket="corrupted", Key=f"ds/{name}", Body=bytes(data))
 

@@ -13,27 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from argument_classes import ManifestArguments, PreprocessArguments
-from preprocess.prepare_dataset import prepare
 from preprocess.shard_format import DATASET_JSON, ShardDataset, ShardIntegrityError
 from preprocess.verify_dataset import dataset_problems
 from preprocess.verify_dataset import main as verify_main
 
 
-@pytest.fixture(scope="module")
-def prepared(ray_local, german_corpus, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("integrity") / "dataset"
-    prepare(
-        ManifestArguments(manifest=str(german_corpus / "train.tsv")),
-        PreprocessArguments(output_dir=str(output), rows_per_task=8, decode_batch_size=8),
-    )
-    return output
-
-
 @pytest.fixture
-def dataset(prepared, tmp_path) -> Path:
+def dataset(sharded_dataset, tmp_path) -> Path:
     """A private copy to damage; with at least two shards, so naming the right one matters."""
-    copy = Path(shutil.copytree(prepared, tmp_path / "dataset"))
+    copy = Path(shutil.copytree(sharded_dataset, tmp_path / "dataset"))
     assert len(read_metadata(copy)["shards"]) >= 2
     return copy
 
