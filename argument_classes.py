@@ -77,14 +77,15 @@ class PreprocessArguments:
         default=512 * 1024 * 1024, metadata={"help": "A shard file rolls over past this size."}
     )
     rows_per_task: int = field(
-        default=256,
+        default=1024,
         metadata={
             "help": "At most this many manifest rows per Ray task (fewer on small corpora, so "
             "every CPU gets several tasks); each task decodes and writes its own shards."
         },
     )
     decode_batch_size: int = field(
-        default=32, metadata={"help": "Rows decoded per map_batches call inside a task."}
+        default=32,
+        metadata={"help": "Rows a task decodes before writing them as one Arrow record batch."},
     )
     ray_address: str | None = field(
         default=None,

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from benchmarks import harness, hf_trainer_baseline
 from benchmarks.batching_padding import mean_matched_batch_size
@@ -95,7 +94,11 @@ def write_synthetic_dataset(directory: Path, num_samples: Sequence[int], seed: i
     run_id = f"synthetic-seed{seed}"
     schema = shard_format.shard_schema([])
     writer = shard_format.ShardWriter(
-        str(directory / shard_format.STAGING_DIR / run_id), f"shard-{run_id}", schema, 256 * 2**20
+        str(directory / shard_format.STAGING_DIR / run_id),
+        f"shard-{run_id}",
+        schema,
+        256 * 2**20,
+        ROWS_PER_RECORD_BATCH,
     )
     lengths = [int(n) for n in num_samples]
     # Random words at about speech rate: 2.5 words, some 13 characters, per second.
@@ -103,18 +106,12 @@ def write_synthetic_dataset(directory: Path, num_samples: Sequence[int], seed: i
     transcripts = [
         " ".join("".join(rng.choice(ALPHABET, rng.integers(2, 8))) for _ in w) for w in words
     ]
-    for start in range(0, len(lengths), ROWS_PER_RECORD_BATCH):
-        rows = range(start, min(start + ROWS_PER_RECORD_BATCH, len(lengths)))
-        clips = [synthetic_clip(lengths[row], rng) for row in rows]
-        columns = {
-            "id": pa.array([f"{run_id}-{row:06d}" for row in rows]),
-            "audio": shard_format.audio_array(clips),
-            "num_samples": pa.array([lengths[row] for row in rows], pa.int64()),
-            **shard_format.audio_statistics(clips),
-            "text": pa.array([transcripts[row] for row in rows]),
-            "sentence": pa.array([transcripts[row] for row in rows]),
-        }
-        writer.write(pa.RecordBatch.from_pydict(columns, schema=schema))
+    for row, length in enumerate(lengths):
+        text = transcripts[row]
+        writer.add(
+            {"id": f"{run_id}-{row:06d}", "text": text, "sentence": text},
+            synthetic_clip(length, rng),
+        )
     seconds, wall_seconds = sum(lengths) / SAMPLING_RATE, time.perf_counter() - started
     # Run id, manifest, rows accepted, rejected and skipped (as already processed), seconds.
     run = shard_format.RunRecord(run_id, "synthetic", len(lengths), 0, 0, seconds, wall_seconds)

@@ -1,8 +1,9 @@
-"""Ray Data sink that writes decoded rows into staged Arrow IPC shard files.
+"""Ray Data sink that decodes manifest rows and writes them into staged Arrow IPC shard files.
 
-Ray fuses the decoding `map_batches` with this sink's write into one task, so decoded float32
-audio goes from the decoder straight into the task's own shard file and never through the object
-store; only shard names, length-index entries and rejects travel back to the driver.
+Each write task gets one task-sized block of manifest rows (paths and transcripts, not audio),
+decodes every row and appends it to the task's own shards. Decoded audio goes from the decoder
+into the shard file and never becomes a Ray block or touches the object store; only shard names,
+length-index entries and rejects travel back to the driver.
 
 When Ray retries a task whose worker died, the new attempt writes under new shard names. The
 driver commits only the shards named in the results it received (one per task), so files of a
@@ -17,24 +18,34 @@ from dataclasses import asdict
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from ray.data import Datasink
 from ray.data._internal.execution.interfaces import TaskContext
 from ray.data.block import Block, BlockAccessor
 
+from preprocess import audio_decoding
 from preprocess.shard_format import ShardWriter
-
-REJECT_COLUMNS = ("id", "audio_uri", "reject_reason", "reject_detail")
 
 
 class ArrowShardDatasink(Datasink[dict[str, Any]]):
     def __init__(
-        self, staging_uri: str, run_id: str, schema: pa.Schema, max_shard_bytes: int
+        self,
+        staging_uri: str,
+        run_id: str,
+        schema: pa.Schema,
+        max_shard_bytes: int,
+        rows_per_batch: int,
+        sampling_rate: int,
+        min_seconds: float,
+        max_seconds: float,
     ) -> None:
         self.staging_uri = staging_uri
         self.run_id = run_id
         self.schema = schema
         self.max_shard_bytes = max_shard_bytes
+        self.rows_per_batch = rows_per_batch
+        self.sampling_rate = sampling_rate
+        self.min_seconds = min_seconds
+        self.max_seconds = max_seconds
         self.results: list[dict[str, Any]] = []
 
     def write(self, blocks: Any, ctx: TaskContext) -> dict[str, Any]:
@@ -43,29 +54,31 @@ class ArrowShardDatasink(Datasink[dict[str, Any]]):
             f"shard-{self.run_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:6]}",  # one per attempt
             self.schema,
             self.max_shard_bytes,
+            self.rows_per_batch,
         )
+        text_columns = [n for n in self.schema.names if self.schema.field(n).type == pa.string()]
         rejects: list[dict[str, Any]] = []
         input_seconds = 0.0
         block: Block
         for block in blocks:
-            table = BlockAccessor.for_block(block).to_arrow()
-            input_seconds += sum(table.column("input_seconds").to_pylist())
-            rejected = table.column("reject_reason").is_valid()
-            for row in table.select(list(REJECT_COLUMNS)).filter(rejected).to_pylist():
-                rejects.append(
-                    {
-                        "id": row["id"],
-                        "path": row["audio_uri"],
-                        "reason": row["reject_reason"],
-                        "detail": row["reject_detail"],
-                    }
+            for row in BlockAccessor.for_block(block).to_arrow().to_pylist():
+                decoded = audio_decoding.load_utterance(
+                    row["audio_uri"], self.sampling_rate, self.min_seconds, self.max_seconds
                 )
-            # Filtering copies every column, audio included: only when something was rejected.
-            if pc.any(rejected).as_py():
-                table = table.filter(pc.invert(rejected))
-            accepted = table.select(self.schema.names)
-            for batch in accepted.cast(self.schema).to_batches():
-                writer.write(batch)
+                if decoded.samples is None:
+                    assert decoded.reject_reason is not None  # every failure names its reason
+                    input_seconds += decoded.rejected_seconds
+                    rejects.append(
+                        {
+                            "id": row["id"],
+                            "path": row["audio_uri"],
+                            "reason": decoded.reject_reason.value,
+                            "detail": decoded.detail,
+                        }
+                    )
+                    continue
+                input_seconds += decoded.samples.size / self.sampling_rate
+                writer.add({name: row[name] for name in text_columns}, decoded.samples)
         shards = [asdict(shard) for shard in writer.close()]
         return {"shards": shards, "rejects": rejects, "input_seconds": input_seconds}
 

@@ -36,6 +36,8 @@ class DecodedAudio:
     reject_reason: RejectReason | None = None
     detail: str = ""
     source_sampling_rate: int = 0
+    # Of a row rejected for its duration, which the run summary still counts as input.
+    rejected_seconds: float = 0.0
 
 
 def decode(data: bytes, sampling_rate: int) -> DecodedAudio:
@@ -72,3 +74,17 @@ def load(uri: str, sampling_rate: int) -> DecodedAudio:
     if not data:
         return DecodedAudio(None, RejectReason.EMPTY, "zero-byte file")
     return decode(data, sampling_rate)
+
+
+def load_utterance(
+    uri: str, sampling_rate: int, min_seconds: float, max_seconds: float
+) -> DecodedAudio:
+    """`load`, with audio outside [min_seconds, max_seconds] rejected as too short or too long."""
+    decoded = load(uri, sampling_rate)
+    if decoded.samples is None:
+        return decoded
+    seconds = decoded.samples.size / sampling_rate
+    if min_seconds <= seconds <= max_seconds:
+        return decoded
+    reason = RejectReason.TOO_SHORT if seconds < min_seconds else RejectReason.TOO_LONG
+    return DecodedAudio(None, reason, f"{seconds:.2f} s", decoded.source_sampling_rate, seconds)

@@ -13,17 +13,15 @@ import math
 import sys
 import time
 import uuid
-import warnings
 from dataclasses import asdict
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from transformers import HfArgumentParser
 
 from argument_classes import ManifestArguments, PreprocessArguments
-from preprocess import audio_decoding, shard_format, storage
+from preprocess import shard_format, storage
 from preprocess.audio_decoding import RejectReason
 from preprocess.manifest import ManifestError, read_manifest
 from preprocess.text_normalization import TextNormalizer, build_vocab, recorded_normalization
@@ -37,44 +35,6 @@ TASK_MAX_RETRIES = 3
 
 class ArgumentError(ValueError):
     """Arguments that cannot work; reported as one line before any work starts."""
-
-
-def decode_batch(
-    rows: pa.Table,
-    sampling_rate: int,
-    min_seconds: float,
-    max_seconds: float,
-    passthrough: list[str],
-) -> pa.Table:
-    """map_batches body: manifest rows in, shard rows (or rejects, with empty audio) out."""
-    waveforms, reasons, details, input_seconds = [], [], [], []
-    for uri in rows.column("audio_uri").to_pylist():
-        decoded = audio_decoding.load(uri, sampling_rate)
-        samples, reason = decoded.samples, decoded.reject_reason
-        seconds = 0.0 if samples is None else len(samples) / sampling_rate
-        if samples is not None and seconds < min_seconds:
-            reason = RejectReason.TOO_SHORT
-        elif samples is not None and seconds > max_seconds:
-            reason = RejectReason.TOO_LONG
-        detail = decoded.detail or (f"{seconds:.2f} s" if reason else "")
-        waveforms.append(samples if reason is None else np.zeros(0, np.float32))
-        reasons.append(None if reason is None else reason.value)
-        details.append(detail)
-        input_seconds.append(seconds)
-    columns = {
-        "id": rows.column("id"),
-        "audio": shard_format.audio_array(waveforms),
-        "num_samples": pa.array([len(w) for w in waveforms], pa.int64()),
-        **shard_format.audio_statistics(waveforms),
-        "text": rows.column("text"),
-        "sentence": rows.column("sentence"),
-        **{name: rows.column(name) for name in passthrough},
-        "audio_uri": rows.column("audio_uri"),
-        "reject_reason": pa.array(reasons, pa.string()),
-        "reject_detail": pa.array(details, pa.string()),
-        "input_seconds": pa.array(input_seconds, pa.float64()),
-    }
-    return pa.table(columns)
 
 
 def _validate(preprocess: PreprocessArguments) -> None:
@@ -152,41 +112,34 @@ def _run_ray_pipeline(
 
     from preprocess.arrow_shard_datasink import ArrowShardDatasink
 
-    # One block per task-sized slice of the manifest: each becomes one fused decode+write task.
-    # At least TASKS_PER_CPU tasks per CPU, so the last wave of tasks does not leave cores idle.
+    # One block per task-sized slice of the manifest: each becomes one decode+write task. At
+    # least TASKS_PER_CPU tasks per CPU, and a multiple of the CPU count of about equal size,
+    # so the last wave of tasks does not leave cores idle.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     rows_per_task = max(
         MIN_ROWS_PER_TASK,
         min(preprocess.rows_per_task, math.ceil(rows.num_rows / (cpus * TASKS_PER_CPU))),
     )
+    tasks = math.ceil(math.ceil(rows.num_rows / rows_per_task) / cpus) * cpus
+    rows_per_task = math.ceil(rows.num_rows / tasks)
     slices = [rows.slice(start, rows_per_task) for start in range(0, rows.num_rows, rows_per_task)]
     datasink = ArrowShardDatasink(
         staging_uri=storage.join(preprocess.output_dir, f"{shard_format.STAGING_DIR}/{run_id}"),
         run_id=run_id,
         schema=shard_format.shard_schema(passthrough),
         max_shard_bytes=preprocess.max_shard_bytes,
+        rows_per_batch=preprocess.decode_batch_size,
+        sampling_rate=preprocess.sampling_rate,
+        min_seconds=preprocess.min_duration_seconds,
+        max_seconds=preprocess.max_duration_seconds,
     )
-    # Equal remote args on both, so Ray still fuses decoding and writing into one task. Ray
-    # 2.60 deprecates remote args on map_batches for named parameters, but max_retries has none
-    # yet (hence ray<2.64 in setup.cfg); the warning is ours to act on, not the user's.
-    task_options = {"max_retries": TASK_MAX_RETRIES}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        decoded = ray.data.from_arrow(slices).map_batches(
-            decode_batch,
-            batch_format="pyarrow",
-            # Never above the task size: Ray Data would merge the planned blocks into fewer
-            # tasks to fill a batch, leaving CPUs (or whole nodes) idle on small manifests.
-            batch_size=min(preprocess.decode_batch_size, rows_per_task),
-            fn_kwargs={
-                "sampling_rate": preprocess.sampling_rate,
-                "min_seconds": preprocess.min_duration_seconds,
-                "max_seconds": preprocess.max_duration_seconds,
-                "passthrough": passthrough,
-            },
-            **task_options,
-        )
-    decoded.write_datasink(datasink, ray_remote_args=task_options)
+    # One write task per slice: it decodes its rows and writes its shards, so the audio never
+    # becomes a Ray block.
+    # Progress bars for a person at a terminal; in logs they cost driver CPU and say little.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    ray.data.from_arrow(slices).write_datasink(
+        datasink, ray_remote_args={"max_retries": TASK_MAX_RETRIES}
+    )
     return datasink.results
 
 

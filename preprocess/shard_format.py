@@ -77,25 +77,6 @@ def shard_schema(passthrough_columns: list[str]) -> pa.Schema:
     return pa.schema(fields + [(name, pa.string()) for name in passthrough_columns])
 
 
-def audio_array(waveforms: list[np.ndarray]) -> pa.LargeListArray:
-    """One contiguous float32 buffer with offsets: the layout the reader views without copying."""
-    lengths = np.fromiter((len(w) for w in waveforms), dtype=np.int64, count=len(waveforms))
-    offsets = np.zeros(len(waveforms) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(waveforms) if waveforms else np.zeros(0, np.float32)
-    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32()))
-
-
-def audio_statistics(waveforms: list[np.ndarray]) -> dict[str, pa.Array]:
-    """Each utterance's float64 mean and standard deviation (0 for a rejected row's empty audio).
-
-    Computed once at preprocessing time, so the loader normalizes in one pass every epoch.
-    """
-    means = [float(w.mean(dtype=np.float64)) if w.size else 0.0 for w in waveforms]
-    stds = [float(w.std(dtype=np.float64)) if w.size else 0.0 for w in waveforms]
-    return {"audio_mean": pa.array(means, pa.float64()), "audio_std": pa.array(stds, pa.float64())}
-
-
 @dataclass
 class ShardInfo:
     """A finished shard file and its share of the length index."""
@@ -139,40 +120,89 @@ class _HashingSink:
 
 
 class ShardWriter:
-    """Writes record batches into staged shard files of bounded size (one writer per task)."""
+    """Writes decoded utterances into staged shard files of bounded size (one writer per task).
+
+    Each utterance is copied into a reused batch buffer, and its mean and standard deviation are
+    taken, right after decoding, while its samples are still in cache; every `rows_per_batch`
+    rows become one record batch whose audio is a view of that buffer, so the samples are
+    copied once between the decoder and the file.
+    """
 
     def __init__(
-        self, staging_uri: str, name_prefix: str, schema: pa.Schema, max_shard_bytes: int
+        self,
+        staging_uri: str,
+        name_prefix: str,
+        schema: pa.Schema,
+        max_shard_bytes: int,
+        rows_per_batch: int = 32,
     ) -> None:
         self._filesystem, self._staging_path = storage.resolve(staging_uri)
         self._filesystem.create_dir(self._staging_path, recursive=True)
         self._prefix = name_prefix
         self._schema = schema
         self._max_bytes = max_shard_bytes
+        self._rows_per_batch = rows_per_batch
+        self._text_columns = [n for n in schema.names if schema.field(n).type == pa.string()]
+        self._samples = np.empty(0, np.float32)
+        self._used = 0
+        self._pending: list[dict[str, Any]] = []
         self._sink: _HashingSink | None = None
         self._writer: ipc.RecordBatchFileWriter | None = None
         self._current: ShardInfo | None = None
         self.finished: list[ShardInfo] = []
 
-    def write(self, batch: pa.RecordBatch) -> None:
-        if batch.num_rows == 0:
+    def add(self, row: dict[str, Any], samples: np.ndarray) -> None:
+        """One utterance: `row` holds the schema's string columns, `samples` its non-empty
+        float32 audio."""
+        count = samples.size
+        if self._used + count > self._samples.size:
+            self._write_pending()
+            if count > self._samples.size:
+                self._samples = np.empty(max(count, 2 * self._samples.size), np.float32)
+        self._samples[self._used : self._used + count] = samples
+        self._used += count
+        # float64 mean; the centred squares summed in float32 keep the std to ~1e-8 relative.
+        mean = float(samples.mean(dtype=np.float64))
+        centred = samples - np.float32(mean)
+        std = float(np.sqrt(np.dot(centred, centred) / count))
+        self._pending.append({**row, "num_samples": count, "audio_mean": mean, "audio_std": std})
+        if len(self._pending) >= self._rows_per_batch:
+            self._write_pending()
+
+    def close(self) -> list[ShardInfo]:
+        self._write_pending()
+        self._close()
+        return self.finished
+
+    def _write_pending(self) -> None:
+        if not self._pending:
             return
+        rows, self._pending = self._pending, []
+        lengths = np.fromiter((r["num_samples"] for r in rows), np.int64, len(rows))
+        offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        columns = {n: pa.array([r[n] for r in rows], pa.string()) for n in self._text_columns}
+        columns["audio"] = pa.LargeListArray.from_arrays(
+            pa.array(offsets),
+            pa.array(self._samples[: self._used]),  # a view, not a copy
+        )
+        for name in ("num_samples", "audio_mean", "audio_std"):
+            columns[name] = pa.array([r[name] for r in rows], self._schema.field(name).type)
+        batch = pa.RecordBatch.from_pydict(columns, schema=self._schema)
         if self._writer is None:
             self._open()
         assert self._current is not None and self._writer is not None
+        # Written (and hashed) synchronously, so the buffer is free for the next batch after.
         self._writer.write_batch(batch)
-        self._current.rows += batch.num_rows
-        self._current.ids.extend(batch.column("id").to_pylist())
-        self._current.num_samples.extend(batch.column("num_samples").to_pylist())
-        self._current.text_lengths.extend(len(t) for t in batch.column("text").to_pylist())
-        self._current.audio_means.extend(batch.column("audio_mean").to_pylist())
-        self._current.audio_stds.extend(batch.column("audio_std").to_pylist())
+        self._used = 0
+        self._current.rows += len(rows)
+        self._current.ids.extend(r["id"] for r in rows)
+        self._current.num_samples.extend(lengths.tolist())
+        self._current.text_lengths.extend(len(r["text"]) for r in rows)
+        self._current.audio_means.extend(r["audio_mean"] for r in rows)
+        self._current.audio_stds.extend(r["audio_std"] for r in rows)
         if self._sink is not None and self._sink.position >= self._max_bytes:
             self._close()
-
-    def close(self) -> list[ShardInfo]:
-        self._close()
-        return self.finished
 
     def _open(self) -> None:
         name = f"{self._prefix}-{len(self.finished):03d}.arrow"

@@ -324,7 +324,8 @@ def test_reader_gives_zero_copy_views(ray_local, german_corpus, tmp_path):
     for index in range(len(dataset)):
         item = dataset[index]
         assert item["audio_mean"] == pytest.approx(item["audio"].mean(dtype=np.float64), abs=1e-12)
-        assert item["audio_std"] == pytest.approx(item["audio"].std(dtype=np.float64), rel=1e-9)
+        # The centred squares are summed in float32 (see ShardWriter.add).
+        assert item["audio_std"] == pytest.approx(item["audio"].std(dtype=np.float64), rel=1e-6)
         assert item["audio_std"] > 0
 
 

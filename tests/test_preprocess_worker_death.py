@@ -25,8 +25,8 @@ from preprocess.prepare_dataset import TASK_MAX_RETRIES
 from preprocess.shard_format import ShardDataset
 from preprocess.verify_dataset import dataset_problems
 
-# The fused decode+write task's process title while it runs (ray::IDLE otherwise).
-TASK_TITLE = "ray::MapBatches(decode_batch)->Write"
+# The decode+write task's process title while it runs (ray::IDLE otherwise).
+TASK_TITLE = "ray::Write"
 TIMEOUT_SECONDS = 300
 
 

@@ -28,7 +28,7 @@ from espeak_audio import REPO_ROOT
 from preprocess.shard_format import ShardDataset
 
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-DECODE_TASK_PREFIX = "MapBatches(decode_batch)"  # Ray Data's name for the fused decode+write task
+DECODE_TASK_PREFIX = "Write"  # Ray Data's name for the decode+write task
 
 
 @dataclass(frozen=True)
