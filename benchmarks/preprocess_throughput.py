@@ -10,8 +10,8 @@ path of transformers' run_speech_recognition_ctc.py (hf_trainer_baseline.py) wit
 × real time: seconds of 16 kHz audio out per wall second, imports excluded. Steady state:
 ours' marginal rate from the smallest corpus to the largest (extra audio over extra seconds),
 so what every run pays once cancels. Corpora synthesize --unique_hours and hard-link the rest,
-so reads hit the page cache. Memory: the PSS sum over the tree at one instant. A run that other work disturbed (over 8 % of the CPU) is rerun, up to
---repeats runs.
+so reads hit the page cache. Memory: the PSS sum over the tree at one instant. A run that other
+work disturbed (over 8 % of the CPU) is rerun, up to --repeats runs.
 
     python -m benchmarks.preprocess_throughput --hours 1 10
     python -m benchmarks.preprocess_throughput --quick

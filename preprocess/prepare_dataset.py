@@ -133,10 +133,10 @@ def _run_ray_pipeline(
         min_seconds=preprocess.min_duration_seconds,
         max_seconds=preprocess.max_duration_seconds,
     )
-    # One write task per slice: it decodes its rows and writes its shards, so the audio never
-    # becomes a Ray block.
     # Progress bars for a person at a terminal; in logs they cost driver CPU and say little.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    # One write task per slice: it decodes its rows and writes its shards, so the audio never
+    # becomes a Ray block.
     ray.data.from_arrow(slices).write_datasink(
         datasink, ray_remote_args={"max_retries": TASK_MAX_RETRIES}
     )
