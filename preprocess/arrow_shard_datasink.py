@@ -56,7 +56,6 @@ class ArrowShardDatasink(Datasink[dict[str, Any]]):
             self.max_shard_bytes,
             self.rows_per_batch,
         )
-        text_columns = [n for n in self.schema.names if self.schema.field(n).type == pa.string()]
         rejects: list[dict[str, Any]] = []
         input_seconds = 0.0
         block: Block
@@ -78,7 +77,7 @@ class ArrowShardDatasink(Datasink[dict[str, Any]]):
                     )
                     continue
                 input_seconds += decoded.samples.size / self.sampling_rate
-                writer.add({name: row[name] for name in text_columns}, decoded.samples)
+                writer.add(row, decoded.samples)
         shards = [asdict(shard) for shard in writer.close()]
         return {"shards": shards, "rejects": rejects, "input_seconds": input_seconds}
 

@@ -152,8 +152,8 @@ class ShardWriter:
         self.finished: list[ShardInfo] = []
 
     def add(self, row: dict[str, Any], samples: np.ndarray) -> None:
-        """One utterance: `row` holds the schema's string columns, `samples` its non-empty
-        float32 audio."""
+        """One utterance: `row` holds (at least) the schema's string columns, `samples` its
+        non-empty float32 audio."""
         count = samples.size
         if self._used + count > self._samples.size:
             self._write_pending()
@@ -165,7 +165,10 @@ class ShardWriter:
         mean = float(samples.mean(dtype=np.float64))
         centred = samples - np.float32(mean)
         std = float(np.sqrt(np.dot(centred, centred) / count))
-        self._pending.append({**row, "num_samples": count, "audio_mean": mean, "audio_std": std})
+        strings = {name: row[name] for name in self._text_columns}
+        self._pending.append(
+            {**strings, "num_samples": count, "audio_mean": mean, "audio_std": std}
+        )
         if len(self._pending) >= self._rows_per_batch:
             self._write_pending()
 

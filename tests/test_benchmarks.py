@@ -125,6 +125,16 @@ def test_preprocess_throughput(tmp_path, work_dir) -> None:
         }
     small, large = (size["ours"]["memory"]["peak_pss_gib"] for size in sizes)
     expected[("peak memory (PSS) at 0.02 h, 2 cores", "ours at 0.01 h")] = (large, small)
+    # The marginal rate from the small corpus to the large one, where the large one took longer.
+    (audio_small, audio_large), (seconds_small, seconds_large) = (
+        [size["ours"][key] for size in sizes] for key in ("audio_seconds", "seconds")
+    )
+    if seconds_large > seconds_small:
+        steady = "preprocessing speed in steady state, 0.01 h to 0.02 h marginal rate, 2 cores"
+        expected[(steady, limit_name)] = (
+            (audio_large - audio_small) / (seconds_large - seconds_small),
+            sizes[1]["limit"]["x_real_time"],
+        )
     assert_rows(document, expected)
 
 
