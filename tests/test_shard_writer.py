@@ -1,0 +1,57 @@
+"""ShardWriter on its own: rows come back in order and intact, whatever the batch buffer did."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+
+from preprocess import shard_format
+
+
+def test_rows_survive_buffer_growth_batches_and_rollover(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    # Mostly short clips, with long ones mid-batch so the reused buffer is flushed early and
+    # grown; one clip sits on a DC offset, where a sum-of-squares variance would cancel.
+    lengths = [int(n) for n in rng.integers(800, 4000, 37)]
+    lengths[5], lengths[6], lengths[20] = 50_000, 120_000, 3_000
+    clips = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in lengths]
+    clips[20] = (0.5 + 1e-3 * rng.standard_normal(3_000)).astype(np.float32)
+    schema = shard_format.shard_schema(["speaker"])
+    writer = shard_format.ShardWriter(str(tmp_path), "shard-t", schema, 200_000, 8)
+    for index, clip in enumerate(clips):
+        # Extra manifest fields (audio_uri) are not shard columns and must be left out.
+        row = {"id": f"u{index}", "text": "ab" * index, "sentence": "Ab", "speaker": None}
+        writer.add({**row, "audio_uri": f"/a/{index}.wav"}, clip)
+    shards = writer.close()
+
+    assert len(shards) > 2  # rolled over at 200 kB
+    ids, audio, batch_rows = [], [], []
+    for shard in shards:
+        data = (tmp_path / shard.name).read_bytes()
+        assert (shard.bytes, shard.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+        reader = ipc.open_file(pa.BufferReader(data))
+        assert reader.schema == schema
+        batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        batch_rows += [batch.num_rows for batch in batches]
+        table = pa.Table.from_batches(batches)
+        assert table.column("id").to_pylist() == shard.ids
+        assert table.column("num_samples").to_pylist() == shard.num_samples
+        assert table.column("audio_mean").to_pylist() == shard.audio_means
+        assert table.column("audio_std").to_pylist() == shard.audio_stds
+        assert shard.text_lengths == [len(t) for t in table.column("text").to_pylist()]
+        assert table.column("speaker").null_count == table.num_rows
+        ids += shard.ids
+        audio += [np.asarray(a, np.float32) for a in table.column("audio").to_pylist()]
+    assert max(batch_rows) <= 8 and sum(batch_rows) == len(clips)
+    assert ids == [f"u{index}" for index in range(len(clips))]
+    means = [m for shard in shards for m in shard.audio_means]
+    stds = [s for shard in shards for s in shard.audio_stds]
+    for clip, stored, mean, std in zip(clips, audio, means, stds, strict=True):
+        np.testing.assert_array_equal(stored, clip)
+        assert mean == pytest.approx(clip.mean(dtype=np.float64), rel=1e-12)
+        assert std == pytest.approx(clip.std(dtype=np.float64), rel=1e-5)
