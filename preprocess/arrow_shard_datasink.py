@@ -64,9 +64,9 @@ class ArrowShardDatasink(Datasink[dict[str, Any]]):
                 decoded = audio_decoding.load_utterance(
                     row["audio_uri"], self.sampling_rate, self.min_seconds, self.max_seconds
                 )
+                input_seconds += decoded.seconds
                 if decoded.samples is None:
                     assert decoded.reject_reason is not None  # every failure names its reason
-                    input_seconds += decoded.rejected_seconds
                     rejects.append(
                         {
                             "id": row["id"],
@@ -76,7 +76,6 @@ class ArrowShardDatasink(Datasink[dict[str, Any]]):
                         }
                     )
                     continue
-                input_seconds += decoded.samples.size / self.sampling_rate
                 writer.add(row, decoded.samples)
         shards = [asdict(shard) for shard in writer.close()]
         return {"shards": shards, "rejects": rejects, "input_seconds": input_seconds}

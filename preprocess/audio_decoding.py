@@ -36,8 +36,9 @@ class DecodedAudio:
     reject_reason: RejectReason | None = None
     detail: str = ""
     source_sampling_rate: int = 0
-    # Of a row rejected for its duration, which the run summary still counts as input.
-    rejected_seconds: float = 0.0
+    # Of the decoded audio at the target rate, kept for a row rejected for its duration too:
+    # the run summary counts it as input either way.
+    seconds: float = 0.0
 
 
 def decode(data: bytes, sampling_rate: int) -> DecodedAudio:
@@ -55,7 +56,8 @@ def decode(data: bytes, sampling_rate: int) -> DecodedAudio:
         samples = soxr.resample(samples, source_rate, sampling_rate, quality="HQ")
     if not np.isfinite(samples).all():
         return DecodedAudio(None, RejectReason.NON_FINITE, "NaN or Inf samples", source_rate)
-    return DecodedAudio(np.ascontiguousarray(samples, dtype=np.float32), None, "", source_rate)
+    samples = np.ascontiguousarray(samples, dtype=np.float32)
+    return DecodedAudio(samples, None, "", source_rate, samples.size / sampling_rate)
 
 
 def load(uri: str, sampling_rate: int) -> DecodedAudio:
@@ -83,7 +85,7 @@ def load_utterance(
     decoded = load(uri, sampling_rate)
     if decoded.samples is None:
         return decoded
-    seconds = decoded.samples.size / sampling_rate
+    seconds = decoded.seconds
     if min_seconds <= seconds <= max_seconds:
         return decoded
     reason = RejectReason.TOO_SHORT if seconds < min_seconds else RejectReason.TOO_LONG

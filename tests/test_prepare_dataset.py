@@ -241,6 +241,8 @@ def test_every_bad_row_is_a_reject_with_a_reason(ray_local, german_corpus, tmp_p
     counts = metadata["counts"]
     assert counts["input_rows"] == len(manifest) == counts["accepted"] + counts["rejected"]
     assert counts["accepted"] == len(rows) == summary["accepted"]
+    # The audio in counts the clips rejected for their duration (0.25 s and 40 s) too.
+    assert (summary["hours_in"] - summary["hours_out"]) * 3600 == pytest.approx(40.25)
     rejects = shard_format.read_rejects(str(tmp_path / "out"), metadata)
     reasons = {Path(r["path"]).name: r["reason"] for r in rejects}
     assert {name: reasons[name] for name in expected} == expected
