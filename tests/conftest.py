@@ -35,8 +35,8 @@ def german_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def sharded_dataset(ray_local, german_corpus, tmp_path_factory) -> Path:
-    """The corpus's train split prepared for real in small tasks: three shards, to read only
-    (copy it before damaging it)."""
+    """The corpus's train split prepared for real in small tasks, a shard each: several shards,
+    to read only (copy it before damaging it)."""
     from argument_classes import ManifestArguments, PreprocessArguments
     from preprocess.prepare_dataset import prepare
 
