@@ -136,8 +136,10 @@ def _run_ray_pipeline(
     # Progress bars for a person at a terminal; in logs they cost driver CPU and say little.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     # One write task per slice: it decodes its rows and writes its shards, so the audio never
-    # becomes a Ray block.
-    ray.data.from_arrow(slices).write_datasink(
+    # becomes a Ray block. from_blocks keeps one block per slice and takes the blocks' metadata
+    # here; from_arrow would first run a remote task per slice for it, a round trip that
+    # delayed the first write by about 0.6 s on 2 cores.
+    ray.data.from_blocks(slices).write_datasink(
         datasink, ray_remote_args={"max_retries": TASK_MAX_RETRIES}
     )
     return datasink.results
