@@ -102,6 +102,20 @@ def _start_ray(preprocess: PreprocessArguments) -> None:
     ray.init(**init_args)
 
 
+def task_rows(num_rows: int, cpus: int, max_rows: int) -> int:
+    """Rows per decode+write task: at most `max_rows` (--rows_per_task), else small enough that
+    every CPU gets TASKS_PER_CPU tasks but not below MIN_ROWS_PER_TASK, against per-task overhead.
+    The task count is then rounded up to a multiple of the CPU count where that keeps tasks at
+    that floor, so tasks come out about equal and the last wave does not leave cores idle."""
+    floor = min(MIN_ROWS_PER_TASK, max_rows)
+    rows = min(max_rows, max(floor, math.ceil(num_rows / (cpus * TASKS_PER_CPU))))
+    tasks = math.ceil(num_rows / rows)
+    rounded = math.ceil(tasks / cpus) * cpus
+    if num_rows // rounded >= floor:
+        tasks = rounded
+    return math.ceil(num_rows / tasks)
+
+
 def _run_ray_pipeline(
     rows: pa.Table,
     preprocess: PreprocessArguments,
@@ -112,16 +126,9 @@ def _run_ray_pipeline(
 
     from preprocess.arrow_shard_datasink import ArrowShardDatasink
 
-    # One block per task-sized slice of the manifest: each becomes one decode+write task. At
-    # least TASKS_PER_CPU tasks per CPU, and a multiple of the CPU count of about equal size,
-    # so the last wave of tasks does not leave cores idle.
+    # One block per task-sized slice of the manifest: each becomes one decode+write task.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    rows_per_task = max(
-        MIN_ROWS_PER_TASK,
-        min(preprocess.rows_per_task, math.ceil(rows.num_rows / (cpus * TASKS_PER_CPU))),
-    )
-    tasks = math.ceil(math.ceil(rows.num_rows / rows_per_task) / cpus) * cpus
-    rows_per_task = math.ceil(rows.num_rows / tasks)
+    rows_per_task = task_rows(rows.num_rows, cpus, preprocess.rows_per_task)
     slices = [rows.slice(start, rows_per_task) for start in range(0, rows.num_rows, rows_per_task)]
     datasink = ArrowShardDatasink(
         staging_uri=storage.join(preprocess.output_dir, f"{shard_format.STAGING_DIR}/{run_id}"),

@@ -21,7 +21,7 @@ from espeak_audio import REPO_ROOT, speak
 
 from argument_classes import ManifestArguments, PreprocessArguments
 from preprocess import shard_format
-from preprocess.prepare_dataset import main, prepare
+from preprocess.prepare_dataset import MIN_ROWS_PER_TASK, main, prepare, task_rows
 from preprocess.shard_format import ShardDataset
 
 
@@ -311,6 +311,26 @@ def test_killed_run_leaves_nothing_visible_and_next_run_completes(german_corpus,
     listed = {s["name"] for s in dataset.metadata["shards"]}
     on_disk = {f"shards/{p.name}" for p in (output / "shards").iterdir()}
     assert on_disk == listed
+
+
+@pytest.mark.parametrize(
+    ("num_rows", "cpus", "max_rows", "expected_tasks"),
+    [
+        (8400, 2, 1024, 10),  # 9 tasks of at most 1024 rows, rounded up to 2 waves of 5
+        (840, 2, 1024, 8),  # TASKS_PER_CPU tasks per CPU
+        (17, 2, 1024, 3),  # rounding up to 4 would make tasks of 4-5 rows, below the floor
+        (18, 1, 8, 3),
+        (40, 1, 2, 20),  # --rows_per_task is a maximum, even below the floor
+        (3, 4, 1024, 1),
+    ],
+)
+def test_task_rows(num_rows, cpus, max_rows, expected_tasks):
+    rows = task_rows(num_rows, cpus, max_rows)
+    tasks = -(-num_rows // rows)
+    assert tasks == expected_tasks
+    assert rows <= max_rows
+    # Never more tasks than tasks of the floor's size would make.
+    assert tasks <= -(-num_rows // min(MIN_ROWS_PER_TASK, max_rows))
 
 
 def test_reader_gives_zero_copy_views(ray_local, german_corpus, tmp_path):

@@ -196,8 +196,7 @@ def _manifest_with_a_missing_clip(corpus: Path, directory: Path) -> tuple[Path, 
 
 
 def _prepare_arguments(manifest: Path, output: Path) -> list[str]:
-    # Small tasks, so the 18 rows make three decode tasks for the two one-CPU nodes (the
-    # default decode batch of 32 rows is capped at the task size, so blocks are not merged).
+    # Small tasks, so the 18 rows make three decode+write tasks for the two one-CPU nodes.
     return [
         "-m", "preprocess.prepare_dataset", "--manifest", str(manifest),
         "--output_dir", str(output), "--rows_per_task", "8",
