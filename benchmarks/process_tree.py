@@ -24,6 +24,9 @@ PSS_INTERVAL_SECONDS = 2.0
 # A measurement where other work took more of the machine's CPU capacity than this is rerun.
 TOLERATED_DISTURBANCE = 0.08
 FORKS = "forks of the driver"
+RAY_WORKERS = "ray workers"
+# The two actors Ray Data starts for every execution on a fresh cluster: a fixed cost of ours.
+RAY_DATA_ACTORS = ("ray::_StatsActor", "ray::_AutoscalingCoordinatorActor")
 EXITED = "exited before it was named"
 
 
@@ -34,8 +37,8 @@ def machine_cores() -> int:
 
 def process_group(process: psutil.Process, root_pid: int, root_cmdline: list[str]) -> str:
     """The group a process's CPU time and memory are reported under: Ray's driver, ray workers,
-    raylet, GCS, dashboard (with its agent), other Ray daemons; forks of the driver (datasets'
-    map workers, DataLoader workers); anything else by script."""
+    Ray Data's actors, raylet, GCS, dashboard (with its agent), other Ray daemons; forks of the
+    driver (datasets' map workers, DataLoader workers); anything else by script."""
     if process.pid == root_pid:
         return "driver"
     name, cmdline = process.name(), process.cmdline()
@@ -44,9 +47,11 @@ def process_group(process: psutil.Process, root_pid: int, root_cmdline: list[str
     command = " ".join(cmdline)
     if name in ("raylet", "gcs_server"):  # their command lines name the worker script too
         return "raylet" if name == "raylet" else "GCS"
+    if command.startswith(RAY_DATA_ACTORS):
+        return "Ray Data actors"
     # Ray renames its workers "ray::IDLE" etc. only after they have started.
     if "default_worker.py" in command or (command.startswith("ray::") and "Agent" not in command):
-        return "ray workers"
+        return RAY_WORKERS
     if "dashboard" in command.lower():
         return "dashboard"
     if cmdline == root_cmdline:
@@ -91,9 +96,10 @@ class _TreeSampler(threading.Thread):
                 rss += process.memory_info().rss
                 cpu = process.cpu_times()
                 kind = self.cpu_seconds.get(process.pid, ("", 0.0))[0]
-                # A child seen between its fork and exec looks like a fork until it has exec'd;
-                # one exiting has no command line left to tell.
-                if not kind or (kind == FORKS and process.cmdline()):
+                # A child seen between its fork and exec looks like a fork until it has exec'd,
+                # and a worker like any other until it is renamed for an actor; one exiting has
+                # no command line left to tell.
+                if not kind or (kind in (FORKS, RAY_WORKERS) and process.cmdline()):
                     kind = process_group(process, self.root_pid, root_cmdline)
             except psutil.Error:
                 continue  # exited while being sampled
