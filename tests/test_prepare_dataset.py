@@ -316,7 +316,7 @@ def test_killed_run_leaves_nothing_visible_and_next_run_completes(german_corpus,
 @pytest.mark.parametrize(
     ("num_rows", "cpus", "max_rows", "expected_tasks"),
     [
-        (8400, 2, 1024, 10),  # 9 tasks of at most 1024 rows, rounded up to 2 waves of 5
+        (8400, 2, 1024, 10),  # 9 tasks of at most 1024 rows, rounded up to 10: 5 per CPU
         (840, 2, 1024, 8),  # TASKS_PER_CPU tasks per CPU
         (17, 2, 1024, 3),  # rounding up to 4 would make tasks of 4-5 rows, below the floor
         (18, 1, 8, 3),
