@@ -4,25 +4,42 @@ Training memory-maps shards, which needs files on a local disk, and a multi-node
 shared filesystem to put them on. One process per node calls `cache_dataset`; the node's other
 ranks wait for it, so nothing is downloaded twice on a node.
 
-    CACHE/<16 hex digits of sha256(uri)>/    the dataset directory, as prepare_dataset wrote it
+    CACHE/<16 hex digits of sha256(uri)>/       the dataset directory, as prepare_dataset wrote it
+    CACHE/<16 hex digits of sha256(uri)>.lock   held (flock) by whoever is updating that copy
 
-- A shard is streamed to `NAME.part` while it is hashed, and renamed to its final name only when
-  its size and sha256 match dataset.json, so an interrupted download is never taken for a
-  complete shard. A restart keeps every shard already under its final name (verified before
-  the rename) and downloads the rest again.
-- dataset.json is written last: until every file it names is in place, the cache is not a
-  dataset that ShardDataset opens. When the remote dataset.json is byte-identical to the cached
-  one, nothing but dataset.json itself is read from the remote.
-- Files the remote dataset no longer names (a rerun of prepare_dataset replaced its length
-  index) are removed from the cache.
+Guarantees:
+
+- Verified: a file appears under its final name only by a rename, after its size and sha256
+  matched dataset.json; it is streamed to a temporary sibling `NAME.part-<pid>-<random>` first,
+  so nothing half-written is ever visible under a final name. dataset.json is written last:
+  until every file it names is in place, the cache is not a dataset that ShardDataset opens.
+- Repaired: every call checks every cached shard's size and Arrow footer (and the length
+  index's footer, and that vocab and rejects exist) without reading audio, and fetches again
+  whatever is missing or damaged, so a deleted or truncated file costs one download, not every
+  later run on the node. With the remote dataset.json byte-identical to the cached one and
+  every file intact, nothing but dataset.json itself is read from the remote.
+- Locked: concurrent callers for one dataset (two jobs on a node, or nodes sharing a cache on
+  NFS, where Linux maps flock to POSIX locks) take turns for the whole call, so the second finds
+  the first's complete copy instead of downloading again. Under the lock, temporary files of
+  killed callers, and files the remote dataset no longer names, are removed.
+- One line on failure: any failed download (an S3 or network error, a missing object, a size
+  or sha256 mismatch) raises a DatasetCacheError whose one-line message names the file's URI.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
+import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.fs as pafs
 
 from preprocess import storage
 from preprocess.shard_format import (
@@ -30,23 +47,52 @@ from preprocess.shard_format import (
     SHARD_DIR,
     check_format_version,
     remove_unreferenced,
+    shard_problem,
 )
 
 CHUNK_BYTES = 8 * 2**20
 
+# `NAME.part` (before per-process names), `NAME.part-<pid>-<random>` from _download, and
+# `NAME.tmp-<pid>` from storage.write_bytes_atomically.
+_TEMPORARY = re.compile(r"\.(part|tmp)(-[^/]*)?$")
 
-class CacheIntegrityError(ValueError):
-    """A downloaded file does not match dataset.json; one line naming it."""
+
+class DatasetCacheError(ValueError):
+    """A file of the dataset could not be cached; one line naming its URI."""
+
+
+class CacheIntegrityError(DatasetCacheError):
+    """A downloaded file does not match dataset.json."""
+
+
+class CacheDownloadError(DatasetCacheError):
+    """Reading a file from the remote (or writing its copy) failed."""
 
 
 @dataclass
 class CacheResult:
-    """Where the local copy is and what this call had to fetch for it."""
+    """Where the local copy is and what this call had to fetch for it.
+
+    `repaired` names the files in `downloaded` that the cache should already have held intact
+    (its dataset.json listed them) but that were missing or damaged: a sign of a sick disk.
+    """
 
     path: str
     downloaded: list[str] = field(default_factory=list)
     downloaded_bytes: int = 0
     kept: int = 0
+    repaired: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Listed:
+    """One file dataset.json names, with what the cached copy is checked against."""
+
+    name: str
+    expected_bytes: int | None = None
+    sha256: str | None = None
+    arrow: bool = False  # has an Arrow footer worth checking
+    rewritten: bool = False  # rewritten by every prepare_dataset run under the same name
 
 
 def cache_path(uri: str, cache_dir: str) -> str:
@@ -55,61 +101,164 @@ def cache_path(uri: str, cache_dir: str) -> str:
     return os.path.join(os.path.abspath(cache_dir), key)
 
 
-def _download(uri: str, target: str, expected_bytes: int | None, sha256: str | None) -> int:
-    filesystem, path = storage.resolve(uri)
-    partial = f"{target}.part"
-    digest = hashlib.sha256()
-    size = 0
-    with filesystem.open_input_stream(path) as source, open(partial, "wb") as sink:
-        while chunk := source.read(CHUNK_BYTES):
-            digest.update(chunk)
-            sink.write(chunk)
-            size += len(chunk)
-        sink.flush()
-        os.fsync(sink.fileno())
-    if expected_bytes is not None and size != expected_bytes:
-        os.remove(partial)
-        raise CacheIntegrityError(f"{uri}: expected {expected_bytes} bytes, downloaded {size}")
-    if sha256 is not None and digest.hexdigest() != sha256:
-        os.remove(partial)
-        raise CacheIntegrityError(f"{uri}: sha256 differs from dataset.json")
-    os.replace(partial, target)
-    return size
-
-
 def cache_dataset(uri: str, cache_dir: str) -> CacheResult:
-    """Brings the node-local copy of the dataset at `uri` up to date; returns where it is."""
-    remote_json = storage.read_bytes(storage.join(uri, DATASET_JSON))
-    metadata = json.loads(remote_json)
-    check_format_version(metadata, storage.join(uri, DATASET_JSON))
-    local = cache_path(uri, cache_dir)
-    result = CacheResult(path=local)
-    local_json = os.path.join(local, DATASET_JSON)
-    if os.path.isfile(local_json):
-        with open(local_json, "rb") as file:
-            if file.read() == remote_json:
-                result.kept = len(metadata["shards"])
-                return result
-    os.makedirs(os.path.join(local, SHARD_DIR), exist_ok=True)
+    """Brings the node-local copy of the dataset at `uri` up to date; returns where it is.
 
-    shards = [(s["name"], s.get("bytes"), s.get("sha256")) for s in metadata["shards"]]
-    # No checksums are recorded for the small files. The length index is named per run, so one
-    # already here is the same file; vocab.json and the rejects are rewritten by every run.
-    rewritten = sorted({metadata["vocab"], metadata["rejects"]})
-    small = [(name, None, None) for name in [metadata["length_index"], *rewritten]]
-    for name, expected_bytes, sha256 in shards + small:
-        target = os.path.join(local, name)
-        if (
-            name not in rewritten
-            and os.path.isfile(target)
-            and expected_bytes in (None, os.path.getsize(target))
-        ):
+    Waits while another process updates the same copy. Raises DatasetCacheError (one line
+    naming the file) when a file cannot be fetched.
+    """
+    local = cache_path(uri, cache_dir)
+    with _locked(f"{local}.lock"):
+        return _update(uri, local)
+
+
+@contextlib.contextmanager
+def _locked(lock_file: str) -> Iterator[None]:
+    """Holds an exclusive flock on `lock_file`; the kernel drops it if the holder dies.
+
+    The lock file is never deleted: a waiter would go on holding a lock on the unlinked file
+    while a newcomer locks a new one.
+    """
+    os.makedirs(os.path.dirname(lock_file), exist_ok=True)
+    with open(lock_file, "a") as file:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+        yield
+
+
+def _update(uri: str, local: str) -> CacheResult:
+    """Checks every file the remote dataset.json names and fetches what is absent or damaged;
+    runs under the lock."""
+    json_uri = storage.join(uri, DATASET_JSON)
+    remote_json = _fetch_small(json_uri)
+    metadata = json.loads(remote_json)
+    check_format_version(metadata, json_uri)
+    local_json = os.path.join(local, DATASET_JSON)
+    cached_json = _read_if_present(local_json)
+    unchanged = cached_json == remote_json
+    promised = _names_listed(cached_json)
+    os.makedirs(os.path.join(local, SHARD_DIR), exist_ok=True)
+    _remove_temporary_files(local)
+
+    result = CacheResult(path=local)
+    for listed in _listed_files(metadata):
+        target = os.path.join(local, listed.name)
+        # A changed dataset.json may come with new vocab and rejects under the same names.
+        refetch = listed.rewritten and not unchanged
+        if not refetch and _intact(target, listed):
             result.kept += 1
             continue
         result.downloaded_bytes += _download(
-            storage.join(uri, name), target, expected_bytes, sha256
+            storage.join(uri, listed.name), target, listed.expected_bytes, listed.sha256
         )
-        result.downloaded.append(name)
-    storage.write_bytes_atomically(local_json, remote_json)
+        result.downloaded.append(listed.name)
+        if not refetch and listed.name in promised:
+            result.repaired.append(listed.name)
+    if not unchanged:
+        storage.write_bytes_atomically(local_json, remote_json)
     remove_unreferenced(local, metadata)
     return result
+
+
+def _listed_files(metadata: dict[str, Any]) -> list[_Listed]:
+    """Every file dataset.json names: shards with their size and sha256, then the small files.
+
+    No checksums are recorded for the small files. The length index is named per run, so one
+    already here is the same file; vocab.json and the rejects are rewritten by every run.
+    """
+    shards = [
+        _Listed(s["name"], s.get("bytes"), s.get("sha256"), arrow=True) for s in metadata["shards"]
+    ]
+    rewritten = sorted({metadata["vocab"], metadata["rejects"]})
+    return [
+        *shards,
+        _Listed(metadata["length_index"], arrow=True),
+        *(_Listed(name, rewritten=True) for name in rewritten),
+    ]
+
+
+def _names_listed(dataset_json: bytes | None) -> set[str]:
+    """The files a cached dataset.json lists, which the cache should hold intact.
+
+    An unreadable cached dataset.json promises nothing: it is replaced, not a reason to fail.
+    """
+    if dataset_json is None:
+        return set()
+    try:
+        metadata = json.loads(dataset_json)
+        names = {shard["name"] for shard in metadata["shards"]}
+        return names | {metadata[key] for key in ("length_index", "vocab", "rejects")}
+    except (ValueError, LookupError, TypeError):
+        return set()
+
+
+def _intact(path: str, listed: _Listed) -> bool:
+    """Whether the cached copy passes the cheap checks: size and Arrow footer, no full read."""
+    if not listed.arrow:
+        return os.path.isfile(path)
+    problem = shard_problem(pafs.LocalFileSystem(), path, {"bytes": listed.expected_bytes})
+    return problem is None
+
+
+def _download(uri: str, target: str, expected_bytes: int | None, sha256: str | None) -> int:
+    """Streams `uri` to a temporary sibling of `target` while hashing it, and renames it to
+    `target` only if its size and sha256 match; returns the size."""
+    partial = f"{target}.part-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        size, digest = _stream_to_file(uri, partial)
+        if expected_bytes is not None and size != expected_bytes:
+            raise CacheIntegrityError(f"{uri}: expected {expected_bytes} bytes, downloaded {size}")
+        if sha256 is not None and digest != sha256:
+            raise CacheIntegrityError(f"{uri}: sha256 differs from dataset.json")
+        os.replace(partial, target)
+    finally:
+        # Gone already after a successful rename.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+    return size
+
+
+def _stream_to_file(uri: str, path: str) -> tuple[int, str]:
+    """Copies `uri` to the local `path`, synced to disk; returns its size and sha256."""
+    filesystem, remote_path = storage.resolve(uri)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with filesystem.open_input_stream(remote_path) as source, open(path, "wb") as sink:
+            while chunk := source.read(CHUNK_BYTES):
+                digest.update(chunk)
+                sink.write(chunk)
+                size += len(chunk)
+            sink.flush()
+            os.fsync(sink.fileno())
+    except OSError as error:  # pyarrow raises S3 and network errors as OSError
+        raise CacheDownloadError(f"{uri}: download failed: {_one_line(error)}") from error
+    return size, digest.hexdigest()
+
+
+def _fetch_small(uri: str) -> bytes:
+    """The whole of a small remote file, failing like a download does."""
+    try:
+        return storage.read_bytes(uri)
+    except OSError as error:
+        raise CacheDownloadError(f"{uri}: download failed: {_one_line(error)}") from error
+
+
+def _one_line(error: BaseException) -> str:
+    # AWS SDK messages can span lines; the caller prefixes one line with the hostname.
+    return " ".join(str(error).split())
+
+
+def _read_if_present(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except FileNotFoundError:
+        return None
+
+
+def _remove_temporary_files(local: str) -> None:
+    """Deletes temporary files left by killed callers; safe only under the lock."""
+    for directory, _, files in os.walk(local):
+        for name in files:
+            if _TEMPORARY.search(name):
+                os.remove(os.path.join(directory, name))
