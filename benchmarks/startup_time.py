@@ -11,8 +11,14 @@ Planning: DurationBucketSampler (200 s batches, 64 ranks) over 7.5 M Common Voic
 lengths to its first batch, against LengthGroupedSampler with a batch of the same mean audio:
 seconds, and peak resident memory above the start.
 
+First start (--first_start, measured alone): the whole launcher command of the tiny preset on 2
+ranks (GPU: up to 2) with an empty TORCH_EXTENSIONS_DIR, as after a fresh install, where
+DeepSpeed would JIT-build its ops, against the warm start that follows on the same directory;
+per round both, the fastest of each over --repeats rounds.
+
     python -m benchmarks.startup_time --hours 0.25 1 4 16
     python -m benchmarks.startup_time --quick
+    python -m benchmarks.startup_time --first_start --hours 0.02 --unique_hours 0.02 --repeats 3
 """
 
 from __future__ import annotations
@@ -50,12 +56,15 @@ PAIRS = (
 # hands DeepSpeed's WarmupDecayLR warmup_num_steps=0, which deepspeed 0.19 rejects.
 OURS_MAX_STEPS = 2
 PLANNING_RANKS, PLANNING_BATCH_SECONDS = 64, 200.0
+FIRST_START_RANKS = 2
 
 
 def own_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_proc", type=int, default=machine_cores(), help="HF map workers")
     utterances = "utterances of the simulated length index"
     parser.add_argument("--planning_utterances", type=int, default=7_500_000, help=utterances)
+    first_start = "only the first start against a warm one, in startup_time-first_start.json"
+    parser.add_argument("--first_start", action="store_true", help=first_start)
 
 
 def peak_extra_memory(action: Callable[[], Any]) -> dict[str, float]:
@@ -133,6 +142,49 @@ def run_ours(dataset: Path, work: Path, args: argparse.Namespace, launcher: bool
     options["wait_for_idle"] = args.wait_for_idle  # as the HF runs wait
     run = harness.trainer_run(dataset, work / "startup-ours", *launch, **options)
     return startup_figures(run, launcher)
+
+
+def first_start_round(dataset: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Our launcher command to its first optimizer step with an empty TORCH_EXTENSIONS_DIR
+    (where DeepSpeed builds and finds its JIT ops), then again on what it left there."""
+    import torch
+
+    extensions = work / "startup-torch-extensions"
+    shutil.rmtree(extensions, ignore_errors=True)
+    extensions.mkdir()
+    ranks = min(FIRST_START_RANKS, torch.cuda.device_count()) or FIRST_START_RANKS
+    config = harness.ds_config(2, args.precision)
+    launch = ("tiny", config, OURS_MAX_STEPS, args.max_batch_seconds, ranks)
+    options = {"dataloader_num_workers": args.dataloader_num_workers}
+    options |= {"wait_for_idle": args.wait_for_idle}
+    options |= {"environment": {"TORCH_EXTENSIONS_DIR": str(extensions)}}
+    output = work / "startup-first-start"
+    first = startup_figures(harness.trainer_run(dataset, output, *launch, **options), True)
+    warm = startup_figures(harness.trainer_run(dataset, output, *launch, **options), True)
+    built = sorted(path.name for path in extensions.iterdir())
+    shutil.rmtree(extensions)
+    return {"ranks": ranks, "first": first, "warm": warm, "extensions_built": built}
+
+
+def measure_first_start(hours: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """--repeats first-start rounds on the corpus of `hours`; the fastest first and warm start."""
+    _, dataset, _ = harness.prepared_dataset(work, args, hours)
+    rounds = [first_start_round(dataset, work, args) for _ in range(args.repeats)]
+    fastest = {
+        start: min((each[start] for each in rounds), key=lambda run: run["total"])
+        for start in ("first", "warm")
+    }
+    return {"hours": hours, "ranks": rounds[0]["ranks"], "fastest": fastest, "rounds": rounds}
+
+
+def first_start_rows(first_start: dict[str, Any]) -> list[dict[str, Any]]:
+    """The row of the fastest first start against the fastest warm one."""
+    fastest, ranks = first_start["fastest"], first_start["ranks"]
+    metric = f"first start (empty TORCH_EXTENSIONS_DIR), launcher command, {ranks} ranks"
+    anchor = "ours: the warm start after it"
+    return figure_rows(
+        fastest["first"], fastest["warm"], anchor, [(metric, "total", "s", False, True)]
+    )
 
 
 def run_hf(
@@ -219,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args.precision = "bf16" if torch.cuda.is_available() else "fp32"
+    if args.first_start:
+        args.tag = args.tag or "first_start"  # a file of its own: the full result stays
+        with harness.work_directory(args.work_dir) as work:
+            first_start = measure_first_start(min(args.hours), args, work)
+        return finish(args, first_start_rows(first_start), {"first_start": first_start})
     planning = measure_planning(args.planning_utterances, args.seed)
     with harness.work_directory(args.work_dir) as work:
         sizes = [measure_size(hours, args, work) for hours in args.hours]

@@ -1,4 +1,11 @@
-"""Keeping ``deepspeed.initialize`` from compiling kernels that an AdamW run never calls.
+"""DeepSpeed's startup without what this trainer never calls or needs to read.
+
+On CPU, `deepspeed.init_distributed` JIT-builds a shared-memory all-reduce op with ninja and
+g++ on the first start after an install (measured on a 2-core VM: 22 to 60 s of a 2-rank
+start), for `deepspeed.comm.inference_all_reduce` alone: tensor-parallel inference layers call
+it, ZeRO training reduces through torch.distributed. Loaded, it also leaves a 66 MB buffer per
+rank in /dev/shm. DeepSpeed builds the op only where its table of compatible ops allows it, so
+the trainer marks the op incompatible there before the process group starts.
 
 To ask whether the optimizer is Muon, DeepSpeed imports its Muon module, whose kernels are
 decorated with ``torch.compile`` at import time; building those wrappers imports
@@ -6,18 +13,50 @@ decorated with ``torch.compile`` at import time; building those wrappers imports
 cProfile: about 1 s of 1.2 s on an idle 2-core CPU). Importing the module first, with the
 decoration deferred to the kernel's first call, keeps Muon compiled for runs that use it and
 costs nothing to the others.
+
+Two warnings that every rank prints at every start ask nothing of the user, and are dropped:
+DeepSpeed's warmup schedulers ask themselves for their learning rate while they are built
+(getting their starting one, which is right), and torch deprecates the collectives DeepSpeed's
+ZeRO calls (only DeepSpeed can move; a removal would fail loudly, not silently).
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+SCHEDULER_NOT_STARTED = "Attempting to get learning rate from scheduler before it has started"
+DEPRECATED_COLLECTIVES = (
+    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+)
+
+
+def skip_shm_all_reduce_build() -> None:
+    """Keeps `deepspeed.init_distributed` from building and loading DeepSpeed's CPU
+    shared-memory all-reduce op, which only inference calls; call it before that."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    # DeepSpeed's own test in comm/torch.py: only the CPU accelerator has a builder for the op.
+    # Elsewhere the table is left unread, since its first read probes every op. DeepSpeed
+    # keeps one table per process, so the entry holds until the process group starts.
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+def quiet_harmless_warnings() -> None:
+    """Drops the scheduler and deprecated-collective warnings of every start (see above)."""
+    from deepspeed.utils import logger
+
+    logger.addFilter(lambda record: record.getMessage() != SCHEDULER_NOT_STARTED)
+    warnings.filterwarnings("ignore", message=DEPRECATED_COLLECTIVES, category=FutureWarning)
 
 
 def _compile_on_first_call(function: Callable[..., Any]) -> Callable[..., Any]:

@@ -52,6 +52,16 @@ def prepare_splits(corpus: Path, data: Path, num_cpus: int | None) -> None:
     ray.shutdown()
 
 
+def quiet_launcher_options() -> list[str]:
+    """`--log_level error` where the deepspeed launcher has it (0.17.6 on): its info lines and its
+    one warning, that it found no hostfile and runs on this machine, are all this demo wants."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return ["--log_level", "error"] if Version(version("deepspeed")) >= Version("0.17.6") else []
+
+
 def train(data: Path, run: Path, args: argparse.Namespace) -> None:
     import torch
 
@@ -62,8 +72,8 @@ def train(data: Path, run: Path, args: argparse.Namespace) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
-        "--master_port", str(port),
+        sys.executable, "-m", "deepspeed.launcher.runner", *quiet_launcher_options(),
+        "--num_accelerators", str(num_ranks), "--master_port", str(port),
         str(REPO_ROOT / "train" / "run_finetuning.py"),
         "--deepspeed", str(REPO_ROOT / "ds_configs" / config),
         "--train_dir", str(data / "train"), "--eval_dir", str(data / "dev"),
@@ -75,8 +85,13 @@ def train(data: Path, run: Path, args: argparse.Namespace) -> None:
     ]  # fmt: skip
     if (run / "checkpoints" / "latest").exists():
         command.append("--resume")
+    environment = dict(os.environ)
+    if not gpus:
+        # DeepSpeed would choose the CPU too, each process warning that it found no GPU.
+        environment["DS_ACCELERATOR"] = "cpu"
+        print(f"[demo] no CUDA GPU: training on {num_ranks} CPU ranks over gloo", flush=True)
     print("[demo] " + " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=REPO_ROOT)
+    subprocess.run(command, check=True, cwd=REPO_ROOT, env=environment)
 
 
 def transcribe_test_clip(corpus: Path, run: Path) -> dict[str, str]:
