@@ -62,15 +62,22 @@ def test_max_batch_size_caps_batches() -> None:
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_each_utterance_at_most_once_and_only_remainder_missing(world_size: int) -> None:
     accumulation = 2
+    step_size = world_size * accumulation
     sampler = make_sampler(world_size=world_size, gradient_accumulation_steps=accumulation)
-    max_per_batch = int(MAX_BATCH_SECONDS * SAMPLING_RATE) // int(LENGTHS.min())
     seen_over_epochs: set[int] = set()
     for epoch in range(4):
-        indices = np.concatenate([b for row in sampler.plan_epoch(epoch) for b in row])
+        plan = sampler.plan_epoch(epoch)
+        indices = np.concatenate([b for row in plan for b in row])
         assert len(np.unique(indices)) == len(indices)
-        # Fewer than world_size * accumulation whole batches are left over.
-        missing = len(LENGTHS) - len(indices)
-        assert 0 <= missing < world_size * accumulation * max_per_batch
+        # The epoch keeps whole optimizer steps: fewer than step_size whole batches are left
+        # over, and the missing utterances are exactly theirs, nothing else.
+        batches = [plan.batch(number) for number in range(plan.bounds.size - 1)]
+        skipped = sorted(set(range(len(batches))) - set(plan.grid.ravel().tolist()))
+        assert 0 <= len(skipped) < step_size
+        missing = set(range(len(LENGTHS))) - set(indices.tolist())
+        assert missing == {int(i) for number in skipped for i in batches[number]}
+        assert len(missing) == sum(len(batches[number]) for number in skipped)
+        assert len(missing) < step_size * max(len(batch) for batch in batches)
         seen_over_epochs.update(indices.tolist())
     # The remainder is reshuffled each epoch, so no utterance is skipped every time.
     assert seen_over_epochs == set(range(len(LENGTHS)))

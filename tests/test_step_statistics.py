@@ -39,8 +39,8 @@ def test_micro_steps_never_touch_the_host_and_reduce_once_on_the_device(monkeypa
     monkeypatch.setattr(dist, "all_reduce", recorder)
     statistics = StepStatistics(device)
     for _ in range(3):
-        statistics.add_loss(torch.empty((), device=device))
-        statistics.add_batch(target_tokens=7, audio_seconds=1.5, padded_seconds=2.0, checksum=9)
+        statistics.add_loss(torch.empty((), device=device), target_tokens=7)
+        statistics.add_batch(audio_seconds=1.5, padded_seconds=2.0, checksum=9)
     assert recorder.calls == []
     values = statistics.all_reduce()
     assert len(recorder.calls) == 1 and recorder.calls[0] is values
@@ -61,21 +61,30 @@ def process_group_of_one():
 
 def test_nonfinite_losses_are_counted_not_summed(process_group_of_one) -> None:
     statistics = StepStatistics(torch.device("cpu"))
-    for loss in (2.0, math.nan, 3.0, math.inf):
-        statistics.add_loss(torch.tensor(loss, dtype=torch.float32))
+    for loss, tokens in ((2.0, 5), (math.nan, 7), (3.0, 11), (math.inf, 13)):
+        statistics.add_loss(torch.tensor(loss, dtype=torch.float32), target_tokens=tokens)
         # crc32 checksums are up to 2**32: their sum must not round (float32 would).
-        statistics.add_batch(
-            target_tokens=5, audio_seconds=1.0, padded_seconds=1.25, checksum=2**32 - 3
-        )
+        statistics.add_batch(audio_seconds=1.0, padded_seconds=1.25, checksum=2**32 - 3)
     totals = statistics.reduce_and_reset()
     assert totals == {
-        "target_tokens": 20,
         "audio_seconds": 4.0,
         "padded_seconds": 5.0,
         "micro_batches": 4,
         "batch_checksum": 4 * (2**32 - 3),
         "loss_sum": 5.0,
+        "loss_target_tokens": 16,
         "nonfinite_losses": 2,
+        # The finite micro-batches' loss over their own tokens: 5 / 16, not 5 / 36, which
+        # would shrink the logged loss by the skipped micro-batches' share of the tokens.
+        "loss": 5.0 / 16,
     }
     # A fresh interval afterwards.
     assert statistics.reduce_and_reset()["micro_batches"] == 0
+
+
+def test_an_interval_without_a_finite_loss_logs_nan_not_zero(process_group_of_one) -> None:
+    statistics = StepStatistics(torch.device("cpu"))
+    statistics.add_loss(torch.tensor(math.nan), target_tokens=9)
+    totals = statistics.reduce_and_reset()
+    assert totals["nonfinite_losses"] == 1 and totals["loss_target_tokens"] == 0
+    assert math.isnan(totals["loss"])

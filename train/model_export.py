@@ -59,6 +59,15 @@ def fp32_state_dict(engine: Any, frozen_fp32: dict[str, torch.Tensor]) -> dict[s
     return state_dict
 
 
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of fp32 weights by name: equal for two copies of the same values, in any order."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def module_digests(engine: Any, cpu_group: Any) -> list[str]:
     """sha256 of every rank's own copy of the module weights, gathered (a collective).
 

@@ -16,7 +16,7 @@ import time
 
 STARTED = time.time()
 
-import atexit  # noqa: E402  (the clock above times the imports)
+import dataclasses  # noqa: E402  (the clock above times the imports)
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -40,24 +40,31 @@ from transformers import HfArgumentParser  # noqa: E402
 
 from argument_classes import DataArguments, ModelArguments, TrainingArguments  # noqa: E402
 from preprocess import storage  # noqa: E402
-from preprocess.dataset_cache import cache_dataset, cache_path  # noqa: E402
+from preprocess.dataset_cache import DatasetCacheError, cache_dataset, cache_path  # noqa: E402
 from preprocess.shard_format import ShardDataset  # noqa: E402
-from train import deepspeed_shm_buffers  # noqa: E402
 from train.ctc_collator import CTCCollator, attention_mask  # noqa: E402
-from train.deepspeed_startup import import_muon_without_compiling  # noqa: E402
+from train.deepspeed_startup import (  # noqa: E402
+    import_muon_without_compiling,
+    quiet_harmless_warnings,
+    skip_shm_all_reduce_build,
+)
 from train.duration_bucket_sampler import DurationBucketSampler  # noqa: E402
 from train.elastic_checkpoint import (  # noqa: E402
+    BatchLayout,
     latest_trainer_state,
     universal_checkpoint,
     write_trainer_state,
 )
 from train.evaluation import evaluate, evaluation_batches  # noqa: E402
+from train.host_group import RankFailure, host_group, raise_if_any_failed  # noqa: E402
 from train.model_export import (  # noqa: E402
     engine_logits,
     export_model,
     exported_logits_difference,
+    fp32_state_dict,
     frozen_fp32_parameters,
     module_digests,
+    weights_digest,
 )
 from train.rng_state import (  # noqa: E402
     load_rng_state,
@@ -124,13 +131,9 @@ def init_distributed(dataloader_num_workers: int) -> None:
         )
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    if os.environ["LOCAL_RANK"] == "0":
-        deepspeed_shm_buffers.remove_stale_buffers()
+    quiet_harmless_warnings()
+    skip_shm_all_reduce_build()  # only inference calls it; on CPU a first start would build it
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-    # Past this barrier every rank has mapped its peers' CPU all-reduce buffers, so each rank
-    # may unlink its own whenever it exits, normally or with an error.
-    dist.barrier()
-    atexit.register(deepspeed_shm_buffers.remove_own_buffer)
     # Ranks on one host share its cores; oversubscribing them stalls every collective. The
     # deepspeed launcher says how many ranks share this host in LOCAL_SIZE, torchrun in
     # LOCAL_WORLD_SIZE. A GPU rank mostly launches kernels, and its DataLoader workers (one
@@ -175,31 +178,40 @@ def validate(data: DataArguments, training: TrainingArguments) -> None:
         raise TrainingSetupError(f"no checkpoint to resume from in {training.output_dir}")
 
 
-def local_dataset_path(uri: str, cache_dir: str | None) -> str:
+def local_dataset_path(uri: str, cache_dir: str | None, group: Any) -> str:
     """The directory to memory-map: `uri` itself, or its node-local cache for s3:// URIs.
 
-    A collective for remote URIs: local rank 0 of each node downloads what the node's cache
-    lacks while the node's other ranks (and the other nodes) wait at the barrier.
+    A collective on `group` for remote URIs: local rank 0 of each node brings the node's
+    cache up to date (under the cache's own file lock, so other jobs on the node wait for it
+    too) while the others wait on a group made for long waits. A failed download stops every
+    rank of every node with one line naming the node and the file.
     """
     if not storage.is_remote(uri):
         return uri
     assert cache_dir is not None  # validate() requires it
+    failure = None
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        result = cache_dataset(uri, cache_dir)
-        print(
-            f"cache {socket.gethostname()}: {uri} -> {result.path}: downloaded "
-            f"{len(result.downloaded)} files ({result.downloaded_bytes} bytes), kept {result.kept}",
-            flush=True,
-        )
-    dist.barrier()
+        try:
+            result = cache_dataset(uri, cache_dir)
+        except DatasetCacheError as error:
+            failure = str(error)
+        else:
+            repaired = f", repaired {len(result.repaired)}" if result.repaired else ""
+            print(
+                f"cache {socket.gethostname()}: {uri} -> {result.path}: downloaded "
+                f"{len(result.downloaded)} files ({result.downloaded_bytes} bytes), "
+                f"kept {result.kept}{repaired}",
+                flush=True,
+            )
+    raise_if_any_failed(group, failure)
     return cache_path(uri, cache_dir)
 
 
-def open_datasets(data: DataArguments) -> tuple[ShardDataset, ShardDataset | None]:
+def open_datasets(data: DataArguments, group: Any) -> tuple[ShardDataset, ShardDataset | None]:
     try:
-        train_set = ShardDataset(local_dataset_path(data.train_dir, data.cache_dir))
+        train_set = ShardDataset(local_dataset_path(data.train_dir, data.cache_dir, group))
         eval_set = (
-            ShardDataset(local_dataset_path(data.eval_dir, data.cache_dir))
+            ShardDataset(local_dataset_path(data.eval_dir, data.cache_dir, group))
             if data.eval_dir
             else None
         )
@@ -219,7 +231,9 @@ def open_datasets(data: DataArguments) -> tuple[ShardDataset, ShardDataset | Non
     return train_set, eval_set
 
 
-def deepspeed_config(training: TrainingArguments, total_steps: int) -> dict[str, Any]:
+def deepspeed_config(
+    training: TrainingArguments, total_steps: int, accumulation: int
+) -> dict[str, Any]:
     """The chosen ds_configs file with this run's values filled in (the launcher's one truth).
 
     A path that does not exist from the current directory is looked up among the shipped
@@ -237,7 +251,7 @@ def deepspeed_config(training: TrainingArguments, total_steps: int) -> dict[str,
         raise TrainingSetupError(message) from None
     # Batches hold a variable number of utterances; DeepSpeed only counts micro-batches.
     config["train_micro_batch_size_per_gpu"] = 1
-    config["gradient_accumulation_steps"] = training.gradient_accumulation_steps
+    config["gradient_accumulation_steps"] = accumulation
     config.pop("train_batch_size", None)
     config["gradient_clipping"] = training.max_grad_norm
     optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
@@ -319,6 +333,35 @@ def prune_checkpoints(checkpoint_dir: str, keep: int) -> None:
             shutil.rmtree(os.path.join(checkpoint_dir, match[0]), ignore_errors=True)
 
 
+def batch_layout(
+    saved: dict[str, Any] | None, world_size: int, data: DataArguments, training: TrainingArguments
+) -> BatchLayout:
+    """How this run splits its global batch over ranks, accumulation and micro-batches.
+
+    As asked on a fresh run. A resumed run keeps the global batch its checkpoint was trained
+    with and splits it for this world size, no micro-batch over --max_batch_seconds
+    (`BatchLayout.for_world_size`); rank 0 says so when that differs from what was asked.
+    """
+    asked = BatchLayout(world_size, training.gradient_accumulation_steps, data.max_batch_seconds)
+    if saved is None:
+        return asked
+    planned = BatchLayout(
+        saved["world_size"],
+        saved.get("gradient_accumulation_steps", asked.gradient_accumulation_steps),
+        saved.get("max_batch_seconds", asked.max_batch_seconds),
+    )
+    layout = planned.for_world_size(world_size, data.max_batch_seconds)
+    if layout != asked and dist.get_rank() == 0:
+        print(
+            f"resuming a run of {planned.global_batch_seconds:g} audio seconds per step on "
+            f"{world_size} ranks (it was {planned.world_size}): gradient_accumulation_steps "
+            f"{layout.gradient_accumulation_steps}, max_batch_seconds "
+            f"{layout.max_batch_seconds:.6g}",
+            flush=True,
+        )
+    return layout
+
+
 def main(argv: list[str] | None = None) -> int:
     model_args, data_args, training = parse_arguments(sys.argv[1:] if argv is None else argv)
     startup = StartupClock()
@@ -326,43 +369,56 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed(data_args.dataloader_num_workers)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
+    # Object collectives (cache and conversion waits, evaluation transcripts) run on gloo
+    # whatever the device backend, with a timeout fit for downloads.
+    cpu_group = host_group()
     startup.mark("distributed_init")
 
     # Data: open the memory-mapped shards and plan every batch from the length index alone.
-    train_set, eval_set = open_datasets(data_args)
-    sampler = DurationBucketSampler(
-        num_samples=train_set.num_samples,
-        sampling_rate=train_set.sampling_rate,
-        max_batch_seconds=data_args.max_batch_seconds,
-        world_size=world_size,
-        rank=rank,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        num_buckets=data_args.num_buckets,
-        seed=training.seed,
-    )
-    try:
-        steps_per_epoch = len(sampler.plan_epoch(0)) // training.gradient_accumulation_steps
-    except ValueError as error:
-        raise TrainingSetupError(str(error)) from None
+    train_set, eval_set = open_datasets(data_args, cpu_group)
     checkpoint_dir = os.path.join(training.output_dir, CHECKPOINT_DIR)
     resuming = training.resume or training.export_only
     try:
         saved = latest_trainer_state(checkpoint_dir) if resuming else None
     except FileNotFoundError as error:
         raise TrainingSetupError(str(error)) from None
-    # Progress is counted in optimizer steps. A resumed run keeps the total its schedule was
-    # built for (unless --max_steps says otherwise), so the learning rate continues smoothly
-    # even when another number of ranks changes the steps per epoch.
+    if saved is not None and saved.get("vocab", train_set.vocab) != train_set.vocab:
+        raise TrainingSetupError(
+            f"the checkpoint in {checkpoint_dir} was trained on another vocabulary than "
+            f"{data_args.train_dir}'s"
+        )
+    layout = batch_layout(saved, world_size, data_args, training)
+    sampler = DurationBucketSampler(
+        num_samples=train_set.num_samples,
+        sampling_rate=train_set.sampling_rate,
+        max_batch_seconds=layout.max_batch_seconds,
+        world_size=world_size,
+        rank=rank,
+        gradient_accumulation_steps=layout.gradient_accumulation_steps,
+        num_buckets=data_args.num_buckets,
+        seed=training.seed,
+    )
+    accumulation = layout.gradient_accumulation_steps
+    try:
+        steps_per_epoch = len(sampler.plan_epoch(0)) // accumulation
+    except ValueError as error:
+        raise TrainingSetupError(str(error)) from None
+    # The schedule spans the steps planned when the run began (or --max_steps). An elastic
+    # resume keeps the global batch, so its steps per epoch, and thus that total, still hold.
     total_steps = (
         training.max_steps
         or (saved and saved["total_steps"])
         or math.ceil(steps_per_epoch * training.num_train_epochs)
     )
+    # A run of whole epochs ends with its last epoch, not at a step count: a re-planned epoch
+    # may come out a step short or long of the plan it replaced, and must still finish once.
+    whole_epochs = not training.max_steps and float(training.num_train_epochs).is_integer()
+    epochs = math.ceil(training.num_train_epochs) if not training.max_steps else math.inf
     startup.mark("dataset_open_and_batch_plan")
 
     # Model: under ZeRO-3, HfDeepSpeedConfig must be alive while the model is built, so its
     # weights are created partitioned and the weight-normed positional conv is gathered right.
-    ds_config = deepspeed_config(training, total_steps)
+    ds_config = deepspeed_config(training, total_steps, accumulation)
     elastic = saved is not None and saved["world_size"] != world_size
     if elastic:
         ds_config["checkpoint"] = {"load_universal": True}
@@ -401,20 +457,23 @@ def main(argv: list[str] | None = None) -> int:
     startup.mark("deepspeed_initialize")
 
     step, epoch, nonfinite_losses = 0, 0, 0
-    resumed_rng = None
+    resumed_rng = resumed_digest = None
     if saved is not None:
         # Written by another number of ranks: load its universal form, any world size reads it.
-        tag = universal_checkpoint(checkpoint_dir, saved["tag"]) if elastic else saved["tag"]
+        tag = universal_checkpoint(checkpoint_dir, saved, cpu_group) if elastic else saved["tag"]
         _, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag)
-        if client_state["vocab"] != vocab:
-            raise TrainingSetupError("the checkpoint was trained on another vocabulary")
-        sampler.load_state_dict(client_state["sampler"])
+        try:
+            sampler.load_state_dict(client_state["sampler"])
+        except ValueError as error:
+            raise TrainingSetupError(
+                f"the checkpoint does not fit this train set: {error}"
+            ) from None
         step, epoch = client_state["step"], client_state["sampler"]["epoch"]
         nonfinite_losses = client_state.get("nonfinite_losses", 0)
         if not elastic:  # the generators of ranks that no longer exist cannot be continued
             resumed_rng = load_rng_state(rng_state_file(checkpoint_dir, saved["tag"], rank))
-    # Object collectives (evaluation transcripts) run on gloo whatever the device backend.
-    cpu_group = dist.new_group(backend="gloo")
+        if training.trace_batches:  # an audit of what was loaded: a collective, gathering all
+            resumed_digest = weights_digest(fp32_state_dict(engine, frozen_fp32))
     if training.export_only:
         target = export_model(engine, processor, training.output_dir, frozen_fp32)
         if is_main:
@@ -493,18 +552,19 @@ def main(argv: list[str] | None = None) -> int:
     sync_recorder = SyncRecorder.from_environment()
     interval_started = time.time()
     layerdrop = getattr(engine.module, "synced_layerdrop", None)
+    if resumed_digest is not None:
+        log({"step": step, "resumed_fp32_sha256": resumed_digest})
     engine.train()
-    while step < total_steps:
+    finished = not whole_epochs and step >= total_steps
+    while epoch < epochs and not finished:
         sampler.set_epoch(epoch)
         # Each micro-step's target tokens over all ranks, known from the plan without talking.
         plan_targets = sampler.micro_step_totals(train_set.text_lengths, epoch)
         first_micro_step = sampler.state_dict(consumed_in_pass=0)["consumed_micro_steps"]
         for consumed, (ids, batch) in enumerate(loader, start=1):
             micro_step = first_micro_step + consumed - 1
-            window = micro_step - micro_step % training.gradient_accumulation_steps
-            step_targets = int(
-                plan_targets[window : window + training.gradient_accumulation_steps].sum()
-            )
+            window = micro_step - micro_step % accumulation
+            step_targets = int(plan_targets[window : window + accumulation].sum())
             if step == 0 and consumed == 1:
                 startup.mark("first_batch")
             if resumed_rng is not None:
@@ -540,9 +600,8 @@ def main(argv: list[str] | None = None) -> int:
                 # engine.skipped_steps), with no host sync per micro-step.
                 engine.backward(loss_sum * world_size / step_targets, scale_wrt_gas=False)
                 engine.step()
-                statistics.add_loss(loss_sum)
+                statistics.add_loss(loss_sum, int(batch["target_lengths"].sum()))
             statistics.add_batch(
-                target_tokens=int(batch["target_lengths"].sum()),
                 audio_seconds=int(batch["input_lengths"].sum()) / train_set.sampling_rate,
                 padded_seconds=input_values.numel() / train_set.sampling_rate,
                 checksum=zlib.crc32("\n".join(ids).encode()),
@@ -550,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
             if batch_trace is not None:
                 trace = {"step": step + 1, "micro_step": micro_step, "epoch": epoch, "ids": ids}
                 batch_trace.write(json.dumps(trace) + "\n")
-            if (micro_step + 1) % training.gradient_accumulation_steps:
+            if (micro_step + 1) % accumulation:
                 continue
 
             step += 1
@@ -560,13 +619,17 @@ def main(argv: list[str] | None = None) -> int:
                 if is_main:
                     with open(os.path.join(training.output_dir, "startup.json"), "w") as file:
                         json.dump({**startup.phases, "total": startup.total()}, file, indent=1)
-            is_save_step = step % training.save_steps == 0 or step == total_steps
+            if whole_epochs:
+                finished = epoch + 1 == epochs and micro_step + 1 == len(plan_targets)
+            else:
+                finished = step >= total_steps
+            is_save_step = step % training.save_steps == 0 or finished
             # Checkpoint steps are always logged, so the counters they store are complete.
             if step % training.logging_steps == 0 or is_save_step:
                 totals = statistics.reduce_and_reset()
                 elapsed = time.time() - interval_started
                 nonfinite_losses += int(totals["nonfinite_losses"])
-                loss = totals["loss_sum"] / max(totals["target_tokens"], 1)
+                loss = totals["loss"]
                 record = {
                     "step": step,
                     "epoch": epoch,
@@ -574,10 +637,7 @@ def main(argv: list[str] | None = None) -> int:
                     "learning_rate": engine.get_lr()[0],
                     "audio_seconds_per_second": totals["audio_seconds"] / elapsed,
                     "padding_fraction": 1 - totals["audio_seconds"] / totals["padded_seconds"],
-                    "step_time": elapsed
-                    * world_size
-                    * training.gradient_accumulation_steps
-                    / totals["micro_batches"],
+                    "step_time": elapsed * world_size * accumulation / totals["micro_batches"],
                     "nonfinite_losses": nonfinite_losses,
                     "skipped_steps": engine.skipped_steps,
                     "grad_norm": float(engine.get_global_grad_norm() or 0.0),
@@ -590,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(record)
                 progress.set_postfix(loss=f"{loss:.3f}")
                 interval_started = time.time()
+            # Evaluation and checkpoints stay out of the next interval's throughput.
+            paused = time.time()
             if eval_plan is not None and step % training.eval_steps == 0:
                 run_evaluation()
             if is_save_step:
@@ -600,13 +662,15 @@ def main(argv: list[str] | None = None) -> int:
                     "nonfinite_losses": nonfinite_losses,
                 }
                 if is_main:
-                    layout = {"world_size": world_size, "total_steps": total_steps}
-                    write_trainer_state(checkpoint_dir, f"step{step}", {"step": step, **layout})
+                    state = {"step": step, "total_steps": total_steps, "vocab": vocab}
+                    state |= dataclasses.asdict(layout)
+                    write_trainer_state(checkpoint_dir, f"step{step}", state)
                 save_rng_state(rng_state_file(checkpoint_dir, f"step{step}", rank))
                 engine.save_checkpoint(checkpoint_dir, tag=f"step{step}", client_state=client_state)
                 if is_main:
                     prune_checkpoints(checkpoint_dir, training.save_total_limit)
-            if step >= total_steps:
+            interval_started += time.time() - paused
+            if finished:
                 break
         else:
             epoch += 1
@@ -650,6 +714,10 @@ def _main_with_clear_errors() -> int:
     except (TrainingSetupError, ModelSetupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RankFailure as error:  # raised on every rank alike: one of them says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

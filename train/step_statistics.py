@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -12,47 +13,52 @@ import torch.distributed as dist
 class StepStatistics:
     """Sums over a logging interval on this rank, all-reduced once when the interval is logged.
 
-    What the device computes (the loss) stays on `device` and is added there, so a micro-step
-    never waits for the GPU. What the host already knows from the collator (token, audio and
-    batch counts) is added on the host. `all_reduce` moves the host part to the device and sums
-    everything across ranks in one collective on `device`, which is what NCCL requires.
+    What the device computes (the loss, and whether it is finite) stays on `device` and is added
+    there, so a micro-step never waits for the GPU. What the host already knows from the
+    collator (audio and batch counts) is added on the host. `all_reduce` moves the host part to
+    the device and sums everything across ranks in one collective on `device`, which is what
+    NCCL requires.
     """
 
     device: torch.device
-    target_tokens: int = 0
     audio_seconds: float = 0.0
     padded_seconds: float = 0.0
     micro_batches: int = 0
     batch_checksum: int = 0
     loss_sum: torch.Tensor = field(init=False)
+    loss_target_tokens: torch.Tensor = field(init=False)
     nonfinite_losses: torch.Tensor = field(init=False)
 
-    HOST_FIELDS = ("target_tokens", "audio_seconds", "padded_seconds", "micro_batches")
-    HOST_FIELDS += ("batch_checksum",)
-    DEVICE_FIELDS = ("loss_sum", "nonfinite_losses")
+    HOST_FIELDS = ("audio_seconds", "padded_seconds", "micro_batches", "batch_checksum")
+    DEVICE_FIELDS = ("loss_sum", "loss_target_tokens", "nonfinite_losses")
 
     def __post_init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.target_tokens, self.micro_batches, self.batch_checksum = 0, 0, 0
+        self.micro_batches, self.batch_checksum = 0, 0
         self.audio_seconds, self.padded_seconds = 0.0, 0.0
         # float64: a checksum sum or a long interval's loss must not round.
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.loss_target_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
         self.nonfinite_losses = torch.zeros((), dtype=torch.float64, device=self.device)
 
-    def add_loss(self, loss_sum: torch.Tensor) -> None:
-        """Adds a micro-batch's summed loss; a non-finite one is counted instead of summed."""
+    def add_loss(self, loss_sum: torch.Tensor, target_tokens: int) -> None:
+        """Adds a micro-batch's summed loss over its `target_tokens` (a host count).
+
+        A non-finite loss is counted instead of summed, and its tokens are left out of the
+        logged loss's denominator with it: the loss is the finite micro-batches' loss per
+        token. Whether it is finite is known on the device only, so the tokens are selected
+        there, without waiting for it.
+        """
         loss = loss_sum.detach().to(torch.float64)
         finite = torch.isfinite(loss)
         self.loss_sum += torch.where(finite, loss, torch.zeros_like(loss))
+        self.loss_target_tokens += finite.to(torch.float64) * target_tokens
         self.nonfinite_losses += (~finite).to(torch.float64)
 
-    def add_batch(
-        self, target_tokens: int, audio_seconds: float, padded_seconds: float, checksum: int
-    ) -> None:
+    def add_batch(self, audio_seconds: float, padded_seconds: float, checksum: int) -> None:
         """Adds what the collator knows about a micro-batch (host values, no device work)."""
-        self.target_tokens += target_tokens
         self.audio_seconds += audio_seconds
         self.padded_seconds += padded_seconds
         self.micro_batches += 1
@@ -74,7 +80,14 @@ class StepStatistics:
         return values
 
     def reduce_and_reset(self) -> dict[str, float]:
-        """The all-reduced fields by name (one host sync), then a fresh interval."""
+        """The all-reduced fields by name (one host sync), then a fresh interval.
+
+        Adds "loss": the summed finite losses over their target tokens, NaN for an interval
+        whose every loss was non-finite (there is no loss to report, and 0 would look good).
+        """
         values = self.all_reduce().tolist()
         self.reset()
-        return dict(zip(self.HOST_FIELDS + self.DEVICE_FIELDS, values, strict=True))
+        totals = dict(zip(self.HOST_FIELDS + self.DEVICE_FIELDS, values, strict=True))
+        tokens = totals["loss_target_tokens"]
+        totals["loss"] = totals["loss_sum"] / tokens if tokens else math.nan
+        return totals

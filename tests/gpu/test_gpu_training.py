@@ -7,7 +7,10 @@ shared by the tests that look at them. conftest.py skips all of this without CUD
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ import torch
 
 from benchmarks.benchmark_results import REPO_ROOT
 from benchmarks.gpu_validation import SAMPLING_RATE, launch_trainer, write_synthetic_dataset
+from train.sync_debug import SYNC_WARNING, SyncRecorder
 
 MAX_STEPS = 3
 MAX_BATCH_SECONDS = 8.0
@@ -153,11 +157,34 @@ def test_export_transcribes_through_pipeline_as_greedy_decoding_does(
     assert transcript == processor.tokenizer.decode(token_ids)
 
 
+def deliberate_sync(values: torch.Tensor) -> tuple[float, int]:
+    """Copies a device value to the host, the sync a recorder must catch; returns the value
+    and the line that made the sync."""
+    line = inspect.currentframe().f_lineno + 1
+    total = values.sum().item()
+    return total, line
+
+
+def test_recorder_catches_a_deliberate_sync_and_counts_nothing_else() -> None:
+    """The positive control: an empty record of the trainer's syncs means something only if a
+    sync made inside `watch()` is recorded, where it was made."""
+    recorder = SyncRecorder(enabled=True)
+    values = torch.ones(4, device="cuda")
+    with pytest.warns(DeprecationWarning, match="not a sync"), recorder.watch():
+        total, line = deliberate_sync(values)
+        warnings.warn("not a sync", DeprecationWarning, stacklevel=1)
+    assert total == 4.0
+    ((message, file, recorded_line), count) = recorder.seen.popitem()
+    assert message.startswith(SYNC_WARNING) and (file, recorded_line) == (__file__, line)
+    assert count == 1 and recorder.seen == {}
+
+
 def test_training_steps_sync_the_host_only_in_library_code(trainer_runs: TrainerRuns) -> None:
     run = trainer_runs(*REFERENCE_RUN, environment={"W2V2_SYNC_DEBUG": "1"})
     syncs = json.loads((run.output_dir / "sync_debug.json").read_text())
     assert isinstance(syncs, list)
-    assert all({"message", "file", "line"} <= set(sync) for sync in syncs)
+    assert all({"message", "file", "line", "count"} <= set(sync) for sync in syncs)
+    assert all(sync["message"].startswith(SYNC_WARNING) for sync in syncs)
 
     def in_repository_code(file: str) -> bool:
         path = (REPO_ROOT / file).resolve()
@@ -166,9 +193,12 @@ def test_training_steps_sync_the_host_only_in_library_code(trainer_runs: Trainer
     library = Counter()
     for sync in syncs:
         if not in_repository_code(sync["file"]):
-            library[f"{sync['file']}:{sync['line']}: {sync['message']}"] += sync.get("count", 1)
+            library[f"{sync['file']}:{sync['line']}: {sync['message']}"] += sync["count"]
     print(f"{sum(library.values())} host syncs in library code:")
     for where, count in library.most_common():
         print(f"  {count:5d}× {where}")
+    # The recorder was live in the trainer: DeepSpeed decides on the host whether a step's
+    # gradients overflowed (the skip of a non-finite step), so every step syncs there.
+    assert any(f"{os.sep}deepspeed{os.sep}" in sync["file"] for sync in syncs), syncs
     ours = [sync for sync in syncs if in_repository_code(sync["file"])]
     assert not ours, json.dumps(ours, indent=1)
