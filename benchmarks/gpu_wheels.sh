@@ -6,7 +6,7 @@
 # tqdm and tensorboard. Missing are the roots below and whatever they need beyond those:
 #   deepspeed        the trainer (wheel built here: PyPI has only its sdist)
 #   jiwer            train/evaluation.py
-#   pytest           tests/gpu
+# (pytest is not among them: the machine's own pytest and plugins run tests/gpu.)
 # Every wheel is the version installed here, so the GPU machine runs what was tested here.
 # Install there with:
 #   pip install --no-index --find-links gpu_wheels -r gpu_wheels/requirements.txt
@@ -29,7 +29,7 @@ import sys
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-ROOTS = ["deepspeed", "jiwer", "pytest"]
+ROOTS = ["deepspeed", "jiwer"]
 ON_GPU_MACHINE = {
     canonicalize_name(name)
     for name in ("torch", "transformers", "accelerate", "pyarrow", "numpy", "psutil", "tqdm",

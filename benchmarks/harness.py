@@ -161,6 +161,10 @@ def args_dataset(args: argparse.Namespace, work: Path) -> tuple[Path, float | No
     return dataset, seconds
 
 
+class RunTimedOut(RuntimeError):
+    """A run_sampled command killed at its time limit (a RuntimeError, as other failures)."""
+
+
 def run_sampled(
     command: list[str],
     log_file: Path,
@@ -171,7 +175,8 @@ def run_sampled(
 ) -> dict[str, Any]:
     """Runs `command` offline from the repository root, logging to `log_file`, sampling its tree;
     past `timeout_seconds` it is killed with its children, and with `check` a failure raises
-    RuntimeError with the log's tail. The tree's summary, exit code and launch's Unix time."""
+    RuntimeError (RunTimedOut if killed) with the log's tail. The tree's summary, exit code and
+    launch's Unix time."""
     busy_before = wait_until_idle(wait_for_idle)
     # Launchers run scripts by path, and the GPU machine does not install the project.
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
@@ -196,6 +201,9 @@ def run_sampled(
             watchdog.cancel()
     if check and process.returncode != 0:
         tail = log_file.read_text(encoding="utf-8", errors="replace")[-3000:]
+        if expired.is_set():
+            limit = f"killed after its {timeout_seconds:.0f} s limit"
+            raise RunTimedOut(f"{limit}: {shlex.join(command)}\n{tail}")
         raise RuntimeError(f"exit code {process.returncode}: {shlex.join(command)}\n{tail}")
     summary |= {"returncode": process.returncode, "timed_out": expired.is_set()}
     return summary | {"launched_unix": launched, "machine_busy_before": busy_before}
@@ -228,10 +236,11 @@ def launch_trainer(
     dataloader_num_workers: int = 1,
     environment: dict[str, str] | None = None,
     wait_for_idle: float = 0.0,
+    timeout_seconds: float = RUN_TIMEOUT_SECONDS,
 ) -> dict[str, Any]:
     """Our trainer as a user runs it, through the deepspeed launcher (`num_ranks` None: as one
     plain process), logging every step to output_dir/metrics.jsonl and its output to `log_file`
-    (None: OUTPUT_DIR.log); returns run_sampled's summary."""
+    (None: OUTPUT_DIR.log), killed past `timeout_seconds`; returns run_sampled's summary."""
     command = [sys.executable, "-m", "train.run_finetuning"]
     if num_ranks is not None:
         with socket.socket() as sock:  # the launcher's default port may be taken by another job
@@ -245,7 +254,7 @@ def launch_trainer(
     options += [("dataloader_num_workers", dataloader_num_workers)]
     command += [f"--{key}={value}" for key, value in options]
     log_file = log_file or output_dir.with_suffix(".log")
-    return run_sampled(command, log_file, environment, wait_for_idle)
+    return run_sampled(command, log_file, environment, wait_for_idle, timeout_seconds)
 
 
 def trainer_run(dataset: Path, output: Path, *launch: Any, **options: Any) -> dict[str, Any]:
