@@ -48,6 +48,21 @@ def sharded_dataset(ray_local, german_corpus, tmp_path_factory) -> Path:
     return output
 
 
+@pytest.fixture(scope="session")
+def prepared(ray_local, german_corpus, tmp_path_factory) -> dict[str, Path]:
+    """The corpus's train and dev splits prepared for real, for the trainer's tests to read."""
+    from argument_classes import ManifestArguments, PreprocessArguments
+    from preprocess.prepare_dataset import prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    for split in ("train", "dev"):
+        prepare(
+            ManifestArguments(manifest=str(german_corpus / f"{split}.tsv")),
+            PreprocessArguments(output_dir=str(root / split)),
+        )
+    return {"train": root / "train", "dev": root / "dev", "corpus": german_corpus}
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

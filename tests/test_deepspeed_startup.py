@@ -15,7 +15,6 @@ from test_run_finetuning import (
     SCRIPT,
     assert_succeeded,
     free_port,
-    prepared,  # noqa: F401  (a fixture)
     training_args,
 )
 
@@ -43,7 +42,7 @@ def test_muon_check_imports_no_compiler_and_the_plain_import_does():
     assert run_probe(PROBE.replace("import_muon_without_compiling()", "")) == "inductor"
 
 
-def test_first_cpu_start_compiles_nothing(prepared, tmp_path):  # noqa: F811  (the fixture)
+def test_first_cpu_start_compiles_nothing(prepared, tmp_path):
     """Two CPU ranks with an empty extensions directory, as after a fresh install. DeepSpeed
     used to build its shm all-reduce op there (half a minute of g++) and map a /dev/shm buffer
     per rank for it; a prebuilt op would map the buffers without building. Each rank used to

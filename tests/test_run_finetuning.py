@@ -32,17 +32,6 @@ SCRIPT = str(REPO_ROOT / "train" / "run_finetuning.py")
 BF16_LOGITS_TOLERANCE = 0.05
 
 
-@pytest.fixture(scope="session")
-def prepared(ray_local, german_corpus, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("prepared")
-    for split in ("train", "dev"):
-        prepare(
-            ManifestArguments(manifest=str(german_corpus / f"{split}.tsv")),
-            PreprocessArguments(output_dir=str(root / split)),
-        )
-    return {"train": root / "train", "dev": root / "dev", "corpus": german_corpus}
-
-
 def training_options(prepared: dict[str, Path], output_dir: Path, config: str, **extra) -> dict:
     return {
         "deepspeed": str(REPO_ROOT / "ds_configs" / config),

@@ -1,0 +1,330 @@
+"""The launchers' multi-node commands, run for real over SSH on loopback, as the README writes
+them: `deepspeed --hostfile` (the PDSH runner) trains from S3, is killed and resumed.
+
+The two "hosts", 127.0.0.1 and 127.0.0.2, are one sshd on a free port, run in a PID namespace of
+its own: what the launchers start through it sees only its own processes, as on a machine of its
+own, so `ray stop` (which `ray down` runs) cannot reach any other Ray on this machine, and
+killing the namespace stops everything the tests started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from espeak_audio import REPO_ROOT
+from test_run_finetuning import (
+    batch_trace,
+    free_port,
+    train_steps,
+    training_options,
+    upload_prepared,
+)
+
+pytestmark = pytest.mark.launchers
+
+HOSTS = ("127.0.0.1", "127.0.0.2")
+BIN = Path(sys.executable).parent
+# What the tests need of the machine. Missing, they fail: the launchers' tests must never be
+# skipped in CI without a word.
+REQUIRED = {
+    "sshd": "/usr/sbin/sshd",
+    "ssh": "ssh",
+    "ssh-keygen": "ssh-keygen",
+    "pdsh": "pdsh",
+    "rsync": "rsync",
+    "unshare": "unshare",
+}
+
+
+@dataclass(frozen=True)
+class LoopbackSsh:
+    """An sshd reachable as HOSTS on `port` by a plain `ssh HOST` (through `bin_dir`, first on
+    PATH), whose sessions run as root with HOME=`home`, in the PID namespace of `init_pid`."""
+
+    port: int
+    bin_dir: Path  # holds `ssh`: the real ssh with this fixture's client config
+    home: Path  # HOME of every session: nothing of the real ~ is read or written
+    init_pid: int  # sshd, pid 1 of the namespace (as this machine numbers it)
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """An environment whose `ssh` (and pdsh's, and rsync's) reaches HOSTS."""
+        env = dict(os.environ if base is None else base)
+        env["PATH"] = f"{self.bin_dir}:{env['PATH']}"
+        return env
+
+    def namespace_pids(self) -> list[int]:
+        """Every live process of the namespace but sshd itself: what the launchers started."""
+        own = os.readlink(f"/proc/{self.init_pid}/ns/pid")
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == self.init_pid:
+                continue
+            try:
+                same = os.readlink(f"/proc/{entry}/ns/pid") == own
+                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if same and state != "Z":
+                pids.append(int(entry))
+        return pids
+
+    def kill_all_but_sshd(self) -> None:
+        """SIGKILL to everything the namespace runs but sshd: both hosts preempted at once."""
+        deadline = time.monotonic() + 30
+        while pids := self.namespace_pids():
+            assert time.monotonic() < deadline, f"survived SIGKILL: {pids}"
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+
+
+def _missing_tools() -> list[str]:
+    return [name for name, path in REQUIRED.items() if not shutil.which(path)]
+
+
+def _write_ssh_files(root: Path, port: int) -> None:
+    """Keys, sshd's config, and a client config that pins the host key (no trust on first use)."""
+    for key in ("host_key", "client_key"):
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / key)], check=True
+        )
+    shutil.copy(root / "client_key.pub", root / "authorized_keys")
+    (root / "home").mkdir()
+    (root / "sshd_config").write_text(
+        f"Port {port}\n"
+        + "".join(f"ListenAddress {host}\n" for host in HOSTS)
+        + f"HostKey {root / 'host_key'}\n"
+        f"AuthorizedKeysFile {root / 'authorized_keys'}\n"
+        "PidFile none\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nUsePAM no\n"
+        # The keys live in a temp dir, not in a home sshd would check the modes of.
+        "StrictModes no\n"
+        # Every session's HOME: ~/.ray, ~/.bashrc and what `ray up` copies to ~ stay in here.
+        f"SetEnv HOME={root / 'home'}\n"
+    )
+    host_key = " ".join((root / "host_key.pub").read_text().split()[:2])
+    (root / "known_hosts").write_text("".join(f"[{h}]:{port} {host_key}\n" for h in HOSTS))
+    (root / "ssh_config").write_text(
+        f"Host {' '.join(HOSTS)}\n  Port {port}\n  User root\n"
+        f"  IdentityFile {root / 'client_key'}\n  IdentitiesOnly yes\n"
+        f"  UserKnownHostsFile {root / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
+        "  BatchMode yes\n"
+    )
+    # OpenSSH reads ~/.ssh/config of the passwd entry's home, never $HOME: an `ssh` first on
+    # PATH that adds -F is how a plain `ssh 127.0.0.2` (Ray's, pdsh's, rsync's) gets this config
+    # without touching the real ~/.ssh.
+    (root / "bin").mkdir()
+    wrapper = root / "bin" / "ssh"
+    wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {root / "ssh_config"} "$@"\n')
+    wrapper.chmod(0o755)
+    (root / "home" / ".bashrc").write_text(f'export PATH="{root / "bin"}:$PATH"\n')
+
+
+def _wait_for_port(host: str, port: int, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            assert process.poll() is None, f"sshd exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"sshd not listening:\n{log.read_text()[-3000:]}"
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def loopback_ssh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackSsh]:
+    missing = _missing_tools()
+    if missing:
+        pytest.fail(f"missing {missing}: apt-get install openssh-server pdsh rsync (README)")
+    root = tmp_path_factory.mktemp("ssh")
+    port = free_port()
+    _write_ssh_files(root, port)
+    # sshd refuses to start without its privilege separation directory, which Debian's service
+    # unit creates at boot and a container never does.
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    log = root / "sshd.log"
+    with open(log, "w") as output:
+        # --kill-child: unshare's death takes sshd, the namespace's pid 1, and with it every
+        # process in the namespace.
+        process = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
+             REQUIRED["sshd"], "-D", "-e", "-f", str(root / "sshd_config")],
+            stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        for host in HOSTS:
+            _wait_for_port(host, port, process, log)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        ssh = LoopbackSsh(port, root / "bin", root / "home", int(children[0]))
+        yield ssh
+    finally:
+        # unshare ignores SIGTERM while it waits for its child; the namespace's pid 1 gets
+        # SIGKILL from here, and the kernel kills every process in the namespace with it.
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+        for pid in children.read_text().split() if process.poll() is None else []:
+            os.kill(int(pid), signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def test_plain_ssh_reaches_both_hosts_in_their_own_namespace(loopback_ssh):
+    for host in HOSTS:
+        result = subprocess.run(
+            ["ssh", host, "echo $HOME; ps -e -o pid="], env=loopback_ssh.env(),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        home, *pids = result.stdout.split()
+        assert home == str(loopback_ssh.home)
+        assert "1" in pids and len(pids) < 10  # sshd, the session, the shell, ps: nothing else
+
+
+# --- deepspeed --hostfile, over pdsh and SSH ------------------------------------------------
+
+DEEPSPEED = shutil.which("deepspeed", path=str(BIN)) or "deepspeed"
+AWS_PREFIX = "AWS_"
+
+
+def _hostfile(path: Path, hosts: tuple[str, ...]) -> Path:
+    path.write_text("".join(f"{host} slots=1\n" for host in hosts))
+    return path
+
+
+def _deepspeed_env_file(path: Path) -> Path:
+    """The S3 settings as KEY=VALUE lines: the PDSH runner (DeepSpeed 0.19.8) forwards only
+    variables starting with PYTHON, MLFLOW, MV2 or UCX, and the lines of this file."""
+    path.write_text("".join(f"{k}={v}\n" for k, v in os.environ.items() if k.startswith("AWS_")))
+    return path
+
+
+def _launcher_env(ssh: LoopbackSsh, env_file: Path) -> dict[str, str]:
+    """The launching shell: no AWS_* of its own, so the ranks can only have them from the file;
+    DS_ENV_FILE names it (an absolute path: the runner os.path.joins it onto ~ and .)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(AWS_PREFIX)}
+    return ssh.env(base) | {"DS_ENV_FILE": str(env_file)}
+
+
+def _deepspeed_command(hostfile: Path, ssh_port: int, extra: list[str], args: list[str]) -> list:
+    return [
+        DEEPSPEED, "--hostfile", str(hostfile), "--ssh_port", str(ssh_port), *extra,
+        "--master_port", str(free_port()), "train/run_finetuning.py", *args,
+    ]  # fmt: skip
+
+
+def _preempt_after_checkpoint(
+    command: list[str], env: dict[str, str], ssh: LoopbackSsh, output_dir: Path, log: Path
+) -> str:
+    """Runs `command` until a checkpoint is complete, then SIGKILLs the launcher and everything
+    it started on both hosts, as losing the nodes does; returns the checkpoint's tag. (SIGKILL
+    to the launcher alone would leave the ranks running under sshd.)"""
+    latest = output_dir / "checkpoints" / "latest"
+    with open(log, "w") as output:
+        run = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, start_new_session=True,
+            stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not latest.exists():
+        assert run.poll() is None, f"exited before a checkpoint:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"no checkpoint:\n{log.read_text()[-4000:]}"
+        time.sleep(0.1)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    ssh.kill_all_but_sshd()
+    return latest.read_text().strip()
+
+
+def _host_prefixes(output: str) -> set[str]:
+    """The hosts pdsh ran something on: it prefixes each line of theirs with `HOST: `."""
+    return set(re.findall(r"^(127\.0\.0\.\d): ", output, re.M))
+
+
+def test_deepspeed_hostfile_trains_from_s3_is_killed_and_resumes_on_one_host(
+    loopback_ssh,
+    prepared,
+    s3_server,
+    tmp_path,
+):
+    from preprocess.shard_format import ShardDataset
+    from train.duration_bucket_sampler import DurationBucketSampler
+
+    upload_prepared(prepared, "launchers")
+    output = tmp_path / "run"
+    options = training_options(prepared, output, "zero2_fp32.json", trace_batches=True)
+    del options["max_steps"], options["eval_dir"]
+    options |= {"num_train_epochs": 1, "max_batch_seconds": 6, "warmup_steps": 3, "save_steps": 2}
+    options |= {"save_total_limit": 99}  # the checkpoint resumed from is read after the run
+    options |= {"train_dir": "s3://launchers/train", "cache_dir": str(tmp_path / "cache")}
+    args = [f"--{key}={value}" for key, value in options.items()]
+    env = _launcher_env(loopback_ssh, _deepspeed_env_file(tmp_path / "deepspeed_env"))
+
+    two_hosts = _hostfile(tmp_path / "hostfile", HOSTS)
+    log = tmp_path / "two_hosts.log"
+    command = _deepspeed_command(two_hosts, loopback_ssh.port, [], args)
+    tag = _preempt_after_checkpoint(command, env, loopback_ssh, output, log)
+    first = log.read_text()
+    assert _host_prefixes(first) == set(HOSTS), first[-4000:]
+    saved = json.loads((output / "checkpoints" / tag / "trainer_state.json").read_text())
+    assert saved["world_size"] == 2 and saved["step"] < saved["total_steps"]  # cut mid-epoch
+    traced = [len(batch_trace(output, rank)) for rank in (0, 1)]
+
+    # The same command on one host. Without --force_multi, DeepSpeed 0.19.8 runs a one-host
+    # hostfile on the launching machine, whatever host it names, without SSH and without the
+    # file's variables (runner.main: multi-node needs more than one host).
+    one_host = _hostfile(tmp_path / "hostfile-one", HOSTS[1:])
+    command = _deepspeed_command(one_host, loopback_ssh.port, ["--force_multi"], args)
+    result = subprocess.run(
+        [*command, "--resume"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert _host_prefixes(result.stdout) == {HOSTS[1]}, result.stdout[-4000:]
+    assert loopback_ssh.namespace_pids() == []  # the launcher waited for its ranks
+
+    # Every utterance of the epoch trained once: before the checkpoint on two ranks, after it
+    # on one, in the resumed sampler's re-plan of the rest (the global batch kept).
+    train = ShardDataset(str(prepared["train"]))
+    ids = np.array([train[index]["id"] for index in range(len(train))])
+    checkpoint = output / "checkpoints" / tag
+    state = torch.load(next(checkpoint.glob("*model_states.pt")), weights_only=False)["sampler"]
+    layout = {"num_samples": train.num_samples, "sampling_rate": 16000, "seed": 42}
+    resumed = DurationBucketSampler(
+        **layout, max_batch_seconds=6, world_size=1, gradient_accumulation_steps=2
+    )
+    resumed.load_state_dict(state)
+    replanned = resumed.plan_epoch(0)
+    before = [
+        i for rank in (0, 1) for line in batch_trace(output, rank)[: traced[rank]]
+        if line["step"] <= saved["step"] for i in line["ids"]
+    ]  # fmt: skip
+    after_lines = batch_trace(output, 0)[traced[0] :]
+    after = [i for line in after_lines for i in line["ids"]]
+    assert {line["epoch"] for line in after_lines} == {0}
+    assert len(before + after) == len(set(before + after))
+    assert sorted(after) == sorted(i for row in replanned for b in row for i in ids[b])
+    planned = DurationBucketSampler(**layout, max_batch_seconds=6, world_size=2).plan_epoch(0)
+    everything = {i for row in planned for b in row for i in ids[b]}
+    assert everything - set(before) - set(after) == set(ids[replanned.order]) - set(after)
+    steps = train_steps(output)
+    assert max(steps) == saved["step"] + len(replanned) // 2
+    assert saved["total_steps"] - 1 <= max(steps) <= saved["total_steps"]
+
+
+# --- ray up -> ray submit -> ray down, with preprocess/cluster-local.yaml ---------------------
