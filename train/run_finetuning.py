@@ -12,52 +12,49 @@ export at their intervals. Batching, collation, evaluation and export live in mo
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import sys
 import time
+import zlib
+from pathlib import Path
+from typing import Any
 
-STARTED = time.time()
+import deepspeed
+import psutil
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.accelerator import get_accelerator
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import HfArgumentParser
 
-import dataclasses  # noqa: E402  (the clock above times the imports)
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import sys  # noqa: E402
-import zlib  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import deepspeed  # noqa: E402
-import psutil  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from deepspeed.accelerator import get_accelerator  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
-
-from argument_classes import DataArguments, ModelArguments, TrainingArguments  # noqa: E402
-from preprocess import storage  # noqa: E402
-from preprocess.dataset_cache import DatasetCacheError, cache_dataset, cache_path  # noqa: E402
-from preprocess.shard_format import ShardDataset  # noqa: E402
-from train.ctc_collator import CTCCollator, attention_mask  # noqa: E402
-from train.deepspeed_startup import (  # noqa: E402
+from argument_classes import DataArguments, ModelArguments, TrainingArguments
+from preprocess import storage
+from preprocess.dataset_cache import DatasetCacheError, cache_dataset, cache_path
+from preprocess.shard_format import ShardDataset
+from train.ctc_collator import CTCCollator, attention_mask
+from train.deepspeed_startup import (
     import_muon_without_compiling,
     quiet_harmless_warnings,
     skip_shm_all_reduce_build,
 )
-from train.duration_bucket_sampler import DurationBucketSampler  # noqa: E402
-from train.elastic_checkpoint import (  # noqa: E402
+from train.duration_bucket_sampler import DurationBucketSampler
+from train.elastic_checkpoint import (
     BatchLayout,
     latest_trainer_state,
     universal_checkpoint,
     write_trainer_state,
 )
-from train.evaluation import evaluate, evaluation_batches  # noqa: E402
-from train.host_group import RankFailure, host_group, raise_if_any_failed  # noqa: E402
-from train.model_export import (  # noqa: E402
+from train.evaluation import evaluate, evaluation_batches
+from train.host_group import RankFailure, host_group, raise_if_any_failed
+from train.model_export import (
     engine_logits,
     export_model,
     exported_logits_difference,
@@ -66,15 +63,15 @@ from train.model_export import (  # noqa: E402
     module_digests,
     weights_digest,
 )
-from train.rng_state import (  # noqa: E402
+from train.rng_state import (
     load_rng_state,
     restore_rng_state,
     rng_state_file,
     save_rng_state,
 )
-from train.step_statistics import StepStatistics  # noqa: E402
-from train.sync_debug import SyncRecorder  # noqa: E402
-from train.wav2vec2_model import ModelSetupError, build_model, build_processor  # noqa: E402
+from train.step_statistics import StepStatistics
+from train.sync_debug import SyncRecorder
+from train.wav2vec2_model import ModelSetupError, build_model, build_processor
 
 CHECKPOINT_DIR = "checkpoints"
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
@@ -85,7 +82,8 @@ class TrainingSetupError(ValueError):
 
 
 class StartupClock:
-    """Seconds spent in each startup phase, from process start to the first optimizer step."""
+    """Seconds spent in each startup phase, from the process's creation (as the kernel recorded
+    it, so the interpreter's start and the imports count) to the first optimizer step."""
 
     def __init__(self) -> None:
         process_start = psutil.Process().create_time()
