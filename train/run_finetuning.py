@@ -493,11 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     eval_plan = None
     if eval_set is not None:
-        eval_indices = eval_set.num_samples
+        eval_lengths = eval_set.num_samples
         if data_args.max_eval_utterances:
-            eval_indices = eval_indices[: data_args.max_eval_utterances]
+            eval_lengths = eval_lengths[: data_args.max_eval_utterances]
         eval_plan = evaluation_batches(
-            eval_indices, eval_set.sampling_rate, data_args.max_batch_seconds, world_size
+            eval_lengths, eval_set.sampling_rate, data_args.max_batch_seconds, world_size
         )
 
     os.makedirs(training.output_dir, exist_ok=True)
