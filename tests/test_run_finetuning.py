@@ -547,6 +547,18 @@ def test_preempted_run_resumes_on_another_number_of_ranks(
     assert adam_steps(last) == final  # Adam's step count came across, not restarted at 0
 
 
+def assert_one_line_error(args: list[str], message: str) -> None:
+    """One process refuses `args` with exit code 2 and one `error:` line holding `message`."""
+    result = subprocess.run(
+        [sys.executable, "-m", "train.run_finetuning", *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -572,13 +584,7 @@ def test_bad_input_is_one_line_error(prepared, tmp_path, ray_local, change, mess
         # Refused before anything else is looked at, the missing dataset included.
         change = {"train_dir": "/nonexistent"}
     args = training_args(prepared, output_dir, "zero2_fp32.json", **change)
-    result = subprocess.run(
-        [sys.executable, "-m", "train.run_finetuning", *args],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 2, result.stderr[-2000:]
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+    assert_one_line_error(args, message)
 
 
 def test_vocabulary_mismatch_with_model_head_is_refused(zero2_run, prepared, tmp_path):
@@ -1064,11 +1070,4 @@ def test_resuming_on_other_data_is_one_line_error(zero2_run, prepared, tmp_path,
     if change.get("train_dir") == "DEV":
         change = {"train_dir": str(prepared["dev"])}
     args = training_args(prepared, output_dir, "zero2_fp32.json", resume=True, **change)
-    result = subprocess.run(
-        [sys.executable, "-m", "train.run_finetuning", *args],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 2, result.stderr[-2000:]
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    assert_one_line_error(args, message)

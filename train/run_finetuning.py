@@ -54,6 +54,7 @@ from train.elastic_checkpoint import (
 )
 from train.evaluation import evaluate, evaluation_batches
 from train.host_group import RankFailure, host_group, raise_if_any_failed
+from train.metrics_log import MetricsLog
 from train.model_export import (
     engine_logits,
     export_model,
@@ -331,6 +332,26 @@ def prune_checkpoints(checkpoint_dir: str, keep: int) -> None:
             shutil.rmtree(os.path.join(checkpoint_dir, match[0]), ignore_errors=True)
 
 
+def save_checkpoint(
+    engine: Any,
+    checkpoint_dir: str,
+    step: int,
+    client_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    keep: int,
+) -> None:
+    """Checkpoint `step{step}` (a collective): rank 0's trainer state first, then each rank's
+    generators, then DeepSpeed's files and its `latest`, written last, so a checkpoint that
+    `latest` names is whole. Rank 0 then prunes all but the last `keep`."""
+    tag, rank = f"step{step}", dist.get_rank()
+    if rank == 0:
+        write_trainer_state(checkpoint_dir, tag, trainer_state)
+    save_rng_state(rng_state_file(checkpoint_dir, tag, rank))
+    engine.save_checkpoint(checkpoint_dir, tag=tag, client_state=client_state)
+    if rank == 0:
+        prune_checkpoints(checkpoint_dir, keep)
+
+
 def batch_layout(
     saved: dict[str, Any] | None, world_size: int, data: DataArguments, training: TrainingArguments
 ) -> BatchLayout:
@@ -501,25 +522,8 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     os.makedirs(training.output_dir, exist_ok=True)
-    metrics_file = (
-        open(os.path.join(training.output_dir, "metrics.jsonl"), "a") if is_main else None
-    )
-    tensorboard = None  # created at the first log: importing TensorBoard delays the first step
+    metrics = MetricsLog(training.output_dir, enabled=is_main)
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="steps")
-
-    def log(record: dict[str, Any]) -> None:
-        nonlocal tensorboard
-        if not is_main:
-            return
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        if tensorboard is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tensorboard = SummaryWriter(os.path.join(training.output_dir, "tensorboard"))
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key != "step":
-                tensorboard.add_scalar(key, value, record["step"])
 
     def run_evaluation() -> None:
         result = evaluate(
@@ -534,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu_group,
             data_args.dataloader_num_workers,
         )
-        log({"step": step, **result})
+        metrics.write({"step": step, **result})
         if is_main:
             tqdm.write(
                 f"step {step}: WER {result['eval_wer']:.3f} CER {result['eval_cer']:.3f} "
@@ -551,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     interval_started = time.time()
     layerdrop = getattr(engine.module, "synced_layerdrop", None)
     if resumed_digest is not None:
-        log({"step": step, "resumed_fp32_sha256": resumed_digest})
+        metrics.write({"step": step, "resumed_fp32_sha256": resumed_digest})
     engine.train()
     finished = not whole_epochs and step >= total_steps
     while epoch < epochs and not finished:
@@ -645,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
                     record["loss_scale"] = engine.optimizer.loss_scale
                 if torch.cuda.is_available():  # the allocator's own count: no device sync
                     record["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                log(record)
+                metrics.write(record)
                 progress.set_postfix(loss=f"{loss:.3f}")
                 interval_started = time.time()
             # Evaluation and checkpoints stay out of the next interval's throughput.
@@ -653,20 +657,24 @@ def main(argv: list[str] | None = None) -> int:
             if eval_plan is not None and step % training.eval_steps == 0:
                 run_evaluation()
             if is_save_step:
-                client_state = {
-                    "sampler": sampler.state_dict(consumed_in_pass=consumed),
-                    "step": step,
-                    "vocab": vocab,
-                    "nonfinite_losses": nonfinite_losses,
-                }
-                if is_main:
-                    state = {"step": step, "total_steps": total_steps, "vocab": vocab}
-                    state |= dataclasses.asdict(layout)
-                    write_trainer_state(checkpoint_dir, f"step{step}", state)
-                save_rng_state(rng_state_file(checkpoint_dir, f"step{step}", rank))
-                engine.save_checkpoint(checkpoint_dir, tag=f"step{step}", client_state=client_state)
-                if is_main:
-                    prune_checkpoints(checkpoint_dir, training.save_total_limit)
+                save_checkpoint(
+                    engine,
+                    checkpoint_dir,
+                    step,
+                    client_state={
+                        "sampler": sampler.state_dict(consumed_in_pass=consumed),
+                        "step": step,
+                        "vocab": vocab,
+                        "nonfinite_losses": nonfinite_losses,
+                    },
+                    trainer_state={
+                        "step": step,
+                        "total_steps": total_steps,
+                        "vocab": vocab,
+                        **dataclasses.asdict(layout),
+                    },
+                    keep=training.save_total_limit,
+                )
             interval_started += time.time() - paused
             if finished:
                 break
@@ -676,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     if eval_plan is not None and step % training.eval_steps != 0:
         run_evaluation()
     digests = module_digests(engine, cpu_group)
-    log({"step": step, "weights_sha256_by_rank": digests})
+    metrics.write({"step": step, "weights_sha256_by_rank": digests})
     if len(set(digests)) > 1:
         raise RuntimeError(f"ranks ended with different weights: {digests}")
     target = export_model(engine, processor, training.output_dir, frozen_fp32)
@@ -695,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     del hf_deepspeed_config
     if is_main:
         difference = exported_logits_difference(target, probe, reference_logits)
-        log(
+        metrics.write(
             {
                 "step": step,
                 "export_logits_max_abs_diff": difference,
