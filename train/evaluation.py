@@ -54,6 +54,7 @@ class _WithTranscripts:
 @torch.no_grad()
 def evaluate(
     engine: Any,
+    *,
     dataset: ShardDataset,
     batches: list[list[int]],
     num_batches: int,

@@ -528,15 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     def run_evaluation() -> None:
         result = evaluate(
             engine,
-            eval_set,
-            eval_plan[rank],
-            max(len(batches) for batches in eval_plan),
-            collator,
-            processor.tokenizer,
-            input_dtype,
-            use_attention_mask,
-            cpu_group,
-            data_args.dataloader_num_workers,
+            dataset=eval_set,
+            batches=eval_plan[rank],
+            num_batches=max(len(batches) for batches in eval_plan),
+            collate=collator,
+            tokenizer=processor.tokenizer,
+            input_dtype=input_dtype,
+            use_attention_mask=use_attention_mask,
+            cpu_group=cpu_group,
+            num_workers=data_args.dataloader_num_workers,
         )
         metrics.write({"step": step, **result})
         if is_main:
