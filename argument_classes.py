@@ -7,6 +7,7 @@ options a dataset was built with (recorded in its dataset.json) read like the co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -197,3 +198,21 @@ class TrainingArguments:
     local_rank: int = field(
         default=-1, metadata={"help": "Set by the deepspeed launcher; leave alone."}
     )
+
+
+def parse_arguments(classes: tuple[type, ...], argv: list[str]) -> tuple[Any, ...]:
+    """Instances of `classes` from command-line options, or from one JSON or YAML file of them.
+
+    The deepspeed launcher adds `--local_rank=N` in front of a script's own arguments (it is in
+    the environment too, as LOCAL_RANK), so a file of arguments may come with it.
+    """
+    # Imported here: preprocessing's Ray workers import this module and never need transformers.
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(classes)
+    own = [arg for arg in argv if not arg.startswith("--local_rank")]
+    if len(own) == 1 and own[0].endswith(".json"):
+        return parser.parse_json_file(own[0])
+    if len(own) == 1 and own[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(own[0])
+    return parser.parse_args_into_dataclasses(args=argv)

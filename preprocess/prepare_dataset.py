@@ -13,14 +13,14 @@ import math
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from transformers import HfArgumentParser
 
-from argument_classes import ManifestArguments, PreprocessArguments
+from argument_classes import ManifestArguments, PreprocessArguments, parse_arguments
 from preprocess import shard_format, storage
 from preprocess.audio_decoding import RejectReason
 from preprocess.manifest import ManifestError, read_manifest
@@ -227,13 +227,10 @@ def prepare(manifest_args: ManifestArguments, preprocess: PreprocessArguments) -
     metadata = shard_format.commit_run(
         preprocess.output_dir, previous, shards, rejects, vocab, options, run
     )
-    by_reason: dict[str, int] = {}
-    for reject in rejects:
-        by_reason[reject["reason"]] = by_reason.get(reject["reason"], 0) + 1
     summary.update(
         accepted=run.accepted,
         rejected=run.rejected,
-        rejected_by_reason=by_reason,
+        rejected_by_reason=dict(Counter(reject["reason"] for reject in rejects)),
         hours_in=input_seconds / 3600,
         hours_out=output_seconds / 3600,
         pipeline_seconds=pipeline_seconds,
@@ -261,13 +258,9 @@ def _format_summary(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = HfArgumentParser((ManifestArguments, PreprocessArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        manifest_args, preprocess = loader(argv[0])
-    else:
-        manifest_args, preprocess = parser.parse_args_into_dataclasses(args=argv)
+    manifest_args, preprocess = parse_arguments(
+        (ManifestArguments, PreprocessArguments), sys.argv[1:] if argv is None else argv
+    )
     try:
         summary = prepare(manifest_args, preprocess)
     except (ManifestError, ArgumentError) as error:

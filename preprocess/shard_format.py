@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import posixpath
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -324,9 +325,7 @@ def commit_run(
         {"name": f"{SHARD_DIR}/{s.name}", "rows": s.rows, "bytes": s.bytes, "sha256": s.sha256}
         for s in staged_shards
     ]
-    by_reason: dict[str, int] = {}
-    for reject in all_rejects:
-        by_reason[reject["reason"]] = by_reason.get(reject["reason"], 0) + 1
+    by_reason = dict(Counter(reject["reason"] for reject in all_rejects))
     total_samples = int(np.sum(length_index.column("num_samples").to_numpy()))
     metadata = {
         "format_version": FORMAT_VERSION,

@@ -808,13 +808,15 @@ def test_two_epochs_on_zero1_from_a_json_file_see_each_utterance_once_per_epoch(
 
 
 def test_arguments_from_a_yaml_file(tmp_path):
-    from train.run_finetuning import parse_arguments
+    from argument_classes import DataArguments, ModelArguments, TrainingArguments, parse_arguments
 
     (tmp_path / "args.yaml").write_text(
         "model_name_or_path: tiny\ntrain_dir: data/train\noutput_dir: runs/x\n"
         "max_steps: 7\nfreeze_feature_encoder: false\ndeepspeed: zero1_bf16.json\n"
     )
-    model, data, training = parse_arguments(["--local_rank=0", str(tmp_path / "args.yaml")])
+    classes = (ModelArguments, DataArguments, TrainingArguments)
+    argv = ["--local_rank=0", str(tmp_path / "args.yaml")]
+    model, data, training = parse_arguments(classes, argv)
     assert (model.model_name_or_path, model.freeze_feature_encoder) == ("tiny", False)
     assert (data.train_dir, training.max_steps, training.deepspeed) == (
         "data/train",

@@ -33,9 +33,8 @@ import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
-from argument_classes import DataArguments, ModelArguments, TrainingArguments
+from argument_classes import DataArguments, ModelArguments, TrainingArguments, parse_arguments
 from preprocess import storage
 from preprocess.dataset_cache import DatasetCacheError, cache_dataset, cache_path
 from preprocess.shard_format import ShardDataset
@@ -98,21 +97,6 @@ class StartupClock:
 
     def total(self) -> float:
         return sum(self.phases.values())
-
-
-def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Command-line options, or one JSON or YAML file of them.
-
-    The deepspeed launcher adds `--local_rank=N` in front of the script's own arguments; it is
-    set in the environment too (LOCAL_RANK), so a file of arguments may come with it.
-    """
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    own = [arg for arg in argv if not arg.startswith("--local_rank")]
-    if len(own) == 1 and own[0].endswith(".json"):
-        return parser.parse_json_file(own[0])
-    if len(own) == 1 and own[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(own[0])
-    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def init_distributed(dataloader_num_workers: int) -> None:
@@ -382,7 +366,9 @@ def batch_layout(
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, data_args, training = parse_arguments(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, training = parse_arguments(
+        (ModelArguments, DataArguments, TrainingArguments), sys.argv[1:] if argv is None else argv
+    )
     startup = StartupClock()
     validate(data_args, training)
     init_distributed(data_args.dataloader_num_workers)
