@@ -55,8 +55,6 @@ class BatchLayout:
         split is not whole (8 ranks to 3) the per-rank budget shrinks to fit, so the global
         budget stays exactly the same and memory per rank never grows.
         """
-        if world_size == self.world_size and max_batch_seconds >= self.max_batch_seconds:
-            return self
         micro_batches = self.world_size * self.gradient_accumulation_steps
         if micro_batches % world_size == 0 and max_batch_seconds >= self.max_batch_seconds:
             return BatchLayout(world_size, micro_batches // world_size, self.max_batch_seconds)
