@@ -2,12 +2,28 @@
 
 One module so that a JSON or YAML file of arguments can configure either script, and so the
 options a dataset was built with (recorded in its dataset.json) read like the command line.
+Each dataclass checks its values as it is built (`__post_init__`), so a value that cannot work
+is refused before any work, whether it came from options, a file, or code.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
+
+from preprocess import storage
+
+
+class ArgumentError(ValueError):
+    """An argument value that cannot work; parse_arguments reports it as one `error:` line."""
+
+
+def _require_positive(**values: float | None) -> None:
+    """Refuses the first of `values` not above 0, by its option name; None (unset) passes."""
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ArgumentError(f"--{name} must be positive, got {value}")
 
 
 @dataclass
@@ -99,6 +115,19 @@ class PreprocessArguments:
         default=None, metadata={"help": "Object store bytes of the local Ray instance."}
     )
 
+    def __post_init__(self) -> None:
+        _require_positive(sampling_rate=self.sampling_rate)
+        if not 0 <= self.min_duration_seconds < self.max_duration_seconds:
+            raise ArgumentError(
+                "--min_duration_seconds must be >= 0 and below --max_duration_seconds "
+                f"(got {self.min_duration_seconds} and {self.max_duration_seconds})"
+            )
+        _require_positive(
+            max_shard_bytes=self.max_shard_bytes,
+            rows_per_task=self.rows_per_task,
+            decode_batch_size=self.decode_batch_size,
+        )
+
 
 @dataclass
 class ModelArguments:
@@ -156,9 +185,18 @@ class DataArguments:
         default=None, metadata={"help": "Evaluate on at most this many utterances."}
     )
 
+    def __post_init__(self) -> None:
+        _require_positive(max_batch_seconds=self.max_batch_seconds)
+        remote = [uri for uri in (self.train_dir, self.eval_dir) if uri and storage.is_remote(uri)]
+        if remote and not self.cache_dir:
+            raise ArgumentError(
+                f"{remote[0]} is in object storage: pass --cache_dir, a node-local directory to "
+                "cache its shards in (they are memory-mapped)"
+            )
+
 
 @dataclass
-class TrainingArguments:
+class FinetuningArguments:
     """The loop: steps, optimizer, checkpoints, logging."""
 
     output_dir: str = field(metadata={"help": "Checkpoints, logs and the exported model."})
@@ -199,20 +237,39 @@ class TrainingArguments:
         default=-1, metadata={"help": "Set by the deepspeed launcher; leave alone."}
     )
 
+    def __post_init__(self) -> None:
+        _require_positive(
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            logging_steps=self.logging_steps,
+            eval_steps=self.eval_steps,
+            save_steps=self.save_steps,
+            save_total_limit=self.save_total_limit,
+            learning_rate=self.learning_rate,
+            max_steps=self.max_steps,
+        )
+
 
 def parse_arguments(classes: tuple[type, ...], argv: list[str]) -> tuple[Any, ...]:
     """Instances of `classes` from command-line options, or from one JSON or YAML file of them.
 
     The deepspeed launcher adds `--local_rank=N` in front of a script's own arguments (it is in
     the environment too, as LOCAL_RANK), so a file of arguments may come with it.
+
+    A value the dataclasses refuse (ArgumentError, from their `__post_init__`) ends the process
+    before any work, with exit status 2 as argparse's own refusals, and one `error: ...` line on
+    stderr as both scripts report every other refusal.
     """
     # Imported here: preprocessing's Ray workers import this module and never need transformers.
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(classes)
     own = [arg for arg in argv if not arg.startswith("--local_rank")]
-    if len(own) == 1 and own[0].endswith(".json"):
-        return parser.parse_json_file(own[0])
-    if len(own) == 1 and own[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(own[0])
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        if len(own) == 1 and own[0].endswith(".json"):
+            return parser.parse_json_file(own[0])
+        if len(own) == 1 and own[0].endswith((".yaml", ".yml")):
+            return parser.parse_yaml_file(own[0])
+        return parser.parse_args_into_dataclasses(args=argv)
+    except ArgumentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

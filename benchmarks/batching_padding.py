@@ -109,7 +109,7 @@ def compare_methods(
     """Every method's batch statistics at a budget of `seconds`, over --epochs epochs."""
     budget, seed = int(seconds * SAMPLING_RATE), args.seed
     ours = DurationBucketSampler(
-        num_samples=lengths, sampling_rate=SAMPLING_RATE, max_batch_seconds=seconds, seed=seed
+        audio_lengths=lengths, sampling_rate=SAMPLING_RATE, max_batch_seconds=seconds, seed=seed
     )
     sizes = {"hf_mean_matched": mean_matched_batch_size(lengths, budget, seed)}
     sizes["hf_memory_safe"] = max(1, budget // int(lengths.max()))
@@ -139,7 +139,7 @@ def demo_corpus_lengths(args: argparse.Namespace) -> tuple[np.ndarray, str]:
     if args.dataset is not None:
         from preprocess.shard_format import ShardDataset
 
-        return ShardDataset(str(args.dataset)).num_samples, f"prepared dataset {args.dataset}"
+        return ShardDataset(str(args.dataset)).audio_lengths, f"prepared dataset {args.dataset}"
     import soundfile
 
     with harness.work_directory(args.work_dir) as work:

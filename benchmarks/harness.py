@@ -12,7 +12,6 @@ import math
 import os
 import shlex
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import psutil
 
 from benchmarks.benchmark_results import REPO_ROOT, RESULTS_DIR, machine_info
 from benchmarks.process_tree import machine_cores, wait_sampled, wait_until_idle
+from train.free_port import free_port
 
 SAMPLING_RATE = 16_000
 RUN_TIMEOUT_SECONDS = 3600
@@ -93,18 +93,22 @@ def work_directory(path: Path | None) -> Iterator[Path]:
         yield Path(temporary)
 
 
-def make_corpus(parent: Path, hours: float, unique_hours: float | None, seed: int) -> Path:
+def make_corpus(
+    parent: Path, hours: float, unique_hours: float | None, seed: int, max_words: int | None = None
+) -> Path:
     """A demo corpus under `parent` (reused if there) and a manifest of all its rows, all.tsv;
-    `unique_hours` synthesized, the rest hard links, so that benchmarks read the page cache."""
+    `unique_hours` synthesized, the rest hard links, so that benchmarks read the page cache;
+    `max_words` makes short clips (generate_corpus)."""
     # Imported here: the GPU machine imports this module and has no espeak-ng or audio codecs.
-    from preprocess.demo_corpus import SPLITS, generate_corpus
+    from train.demo_corpus import SPLITS, generate_corpus
 
     unique = hours if unique_hours is None else min(unique_hours, hours)
-    directory = parent / f"corpus-{hours:g}h-unique{unique:g}h-seed{seed}"
+    short = "" if max_words is None else f"-words{max_words}"
+    directory = parent / f"corpus-{hours:g}h-unique{unique:g}h-seed{seed}{short}"
     manifest = directory / "all.tsv"
     if manifest.exists():
         return manifest
-    generate_corpus(directory, hours=hours, unique_hours=unique, seed=seed)
+    generate_corpus(directory, hours=hours, unique_hours=unique, seed=seed, max_words=max_words)
     with open(manifest.with_suffix(".tmp"), "w", encoding="utf-8") as combined:
         for position, split in enumerate(SPLITS):
             lines = (directory / f"{split}.tsv").read_text(encoding="utf-8").splitlines(True)
@@ -243,9 +247,7 @@ def launch_trainer(
     (None: OUTPUT_DIR.log), killed past `timeout_seconds`; returns run_sampled's summary."""
     command = [sys.executable, "-m", "train.run_finetuning"]
     if num_ranks is not None:
-        with socket.socket() as sock:  # the launcher's default port may be taken by another job
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()  # the launcher's default port may be taken by another job
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks)]
         command += ["--master_port", str(port), str(REPO_ROOT / "train" / "run_finetuning.py")]
     options = [("deepspeed", config), ("train_dir", dataset), ("model_name_or_path", preset)]

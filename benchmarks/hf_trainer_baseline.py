@@ -24,23 +24,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import psutil
+from train.phase_clock import PhaseClock
 
 SAMPLING_RATE = 16_000
 # The bounds our preprocessing rejects outside of (PreprocessArguments' defaults).
 MIN_SECONDS, MAX_SECONDS = 0.5, 30.0
-
-
-class PhaseClock:
-    """Seconds per phase since process creation, the same origin as ours' startup.json."""
-
-    def __init__(self) -> None:
-        self.phases: dict[str, float] = {}
-        self.last = psutil.Process().create_time()
-
-    def mark(self, phase: str) -> None:
-        now = time.time()
-        self.phases[phase], self.last = now - self.last, now
 
 
 # The recipe's map and filter functions, at module level so that datasets fingerprints them stably.
@@ -164,7 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         vocab_file = os.path.join(shards.path, shards.metadata["vocab"])
         processor = build_processor(model_args, vocab_file, SAMPLING_RATE)
         train_set, vocab = ShardFeatures(shards, processor), shards.vocab
-        lengths = shards.num_samples
+        lengths = shards.audio_lengths
     torch.manual_seed(args.seed)
     model = build_model(model_args, vocab, SAMPLING_RATE)
     clock.mark("model_build")
@@ -241,9 +229,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trainer.train()
     return {
         "startup_phases": clock.phases,
-        "startup_seconds": sum(clock.phases.values()),
+        "startup_seconds": clock.total(),
         # No phase follows the first step, so the last mark is its end.
-        "first_step_unix": clock.last,
+        "first_step_unix": clock.last_mark,
         "records": [{**step, "loss": losses.get(step["step"], float("nan"))} for step in steps],
         "rows": len(train_set),
         "audio_hours": sum(lengths) / SAMPLING_RATE / 3600,

@@ -47,7 +47,7 @@ def delivered(
 ) -> dict[str, float]:
     """Real (unpadded) audio seconds of `epochs` planned epochs, delivered in `seconds`."""
     plans = [sampler.plan_epoch(epoch) for epoch in range(epochs)]
-    samples = sum(int(dataset.num_samples[ranks[0]].sum()) for plan in plans for ranks in plan)
+    samples = sum(int(dataset.audio_lengths[ranks[0]].sum()) for plan in plans for ranks in plan)
     audio = samples / dataset.sampling_rate
     return {"audio_seconds": audio, "seconds": seconds, "audio_seconds_per_second": audio / seconds}
 
@@ -58,7 +58,7 @@ def copy_same_samples(dataset: ShardDataset, sampler: DurationBucketSampler, epo
     views = [dataset[index]["audio"] for index in range(len(dataset))]
     plans = [sampler.plan_epoch(epoch) for epoch in range(epochs + 1)]
     rows = max(ranks[0].size for plan in plans for ranks in plan)
-    shape = (rows, int(dataset.num_samples.max()))
+    shape = (rows, int(dataset.audio_lengths.max()))
     buffer = torch.empty(shape, dtype=torch.float32, pin_memory=PINNED).numpy()
 
     def copy_epoch(plan: list[list[np.ndarray]]) -> None:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         path, _ = harness.args_dataset(args, work)
         dataset = ShardDataset(str(path))
         sampler = DurationBucketSampler(
-            num_samples=dataset.num_samples,
+            audio_lengths=dataset.audio_lengths,
             sampling_rate=dataset.sampling_rate,
             max_batch_seconds=args.max_batch_seconds,
             seed=args.seed,

@@ -99,7 +99,7 @@ def measure_planning(utterances: int, seed: int) -> dict[str, Any]:
     plan = {"max_batch_seconds": PLANNING_BATCH_SECONDS, "world_size": PLANNING_RANKS, "rank": 0}
 
     def ours() -> Any:
-        sampler = DurationBucketSampler(num_samples=lengths, sampling_rate=SAMPLING_RATE, **plan)
+        sampler = DurationBucketSampler(audio_lengths=lengths, sampling_rate=SAMPLING_RATE, **plan)
         return sampler, sampler.plan_epoch(0), next(iter(sampler))
 
     # The Trainer gets the length column as a list; made here, outside the measurement.
@@ -214,7 +214,7 @@ def measure_size(hours: float, args: argparse.Namespace, work: Path) -> dict[str
 
     manifest, dataset, preprocess_seconds = harness.prepared_dataset(work, args, hours)
     shards = ShardDataset(str(dataset))
-    mean_clip_seconds = float(shards.num_samples.mean()) / shards.sampling_rate
+    mean_clip_seconds = float(shards.audio_lengths.mean()) / shards.sampling_rate
     hf_batch_size = max(1, round(args.max_batch_seconds / mean_clip_seconds))
     cache = work / "startup-hf-datasets-cache"
     runs: dict[str, list[dict[str, Any]]] = {system: [] for system in SYSTEMS}
@@ -231,7 +231,7 @@ def measure_size(hours: float, args: argparse.Namespace, work: Path) -> dict[str
     return {
         "hours": hours,
         "clips": len(shards),
-        "audio_hours": float(shards.num_samples.sum()) / shards.sampling_rate / 3600,
+        "audio_hours": float(shards.audio_lengths.sum()) / shards.sampling_rate / 3600,
         "mean_clip_seconds": mean_clip_seconds,
         "hf_per_device_train_batch_size": hf_batch_size,
         "preprocess_seconds_not_counted": preprocess_seconds,

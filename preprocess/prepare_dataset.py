@@ -20,7 +20,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from argument_classes import ManifestArguments, PreprocessArguments, parse_arguments
+from argument_classes import (
+    ArgumentError,
+    ManifestArguments,
+    PreprocessArguments,
+    parse_arguments,
+)
 from preprocess import shard_format, storage
 from preprocess.audio_decoding import RejectReason
 from preprocess.manifest import ManifestError, read_manifest
@@ -31,23 +36,6 @@ MIN_ROWS_PER_TASK = 8
 # Ray reruns a task whose worker died (killed, out of memory, node lost) this many times. Ray
 # Data's default is without limit, which would loop forever on a file that crashes its decoder.
 TASK_MAX_RETRIES = 3
-
-
-class ArgumentError(ValueError):
-    """Arguments that cannot work; reported as one line before any work starts."""
-
-
-def _validate(preprocess: PreprocessArguments) -> None:
-    if preprocess.sampling_rate <= 0:
-        raise ArgumentError(f"--sampling_rate must be positive, got {preprocess.sampling_rate}")
-    if not 0 <= preprocess.min_duration_seconds < preprocess.max_duration_seconds:
-        raise ArgumentError(
-            "--min_duration_seconds must be >= 0 and below --max_duration_seconds "
-            f"(got {preprocess.min_duration_seconds} and {preprocess.max_duration_seconds})"
-        )
-    for name in ("max_shard_bytes", "rows_per_task", "decode_batch_size"):
-        if getattr(preprocess, name) <= 0:
-            raise ArgumentError(f"--{name} must be positive")
 
 
 def _check_compatible(previous: dict[str, Any], options: dict[str, Any]) -> None:
@@ -87,18 +75,18 @@ def _split_rows(rows: pa.Table, known_ids: set[str]) -> tuple[pa.Table, list[dic
     return rows.take(pa.array(keep, pa.int64())), rejects, skipped
 
 
-def _start_ray(preprocess: PreprocessArguments) -> None:
+def _start_ray(preprocess_args: PreprocessArguments) -> None:
     """Join RAY_ADDRESS or --ray_address when given, else start a local instance."""
     import ray
 
     if ray.is_initialized():
         return
     init_args: dict[str, Any] = {"include_dashboard": False}
-    if preprocess.ray_address:
-        init_args["address"] = preprocess.ray_address
+    if preprocess_args.ray_address:
+        init_args["address"] = preprocess_args.ray_address
     else:
-        init_args["num_cpus"] = preprocess.num_cpus
-        init_args["object_store_memory"] = preprocess.object_store_memory
+        init_args["num_cpus"] = preprocess_args.num_cpus
+        init_args["object_store_memory"] = preprocess_args.object_store_memory
     ray.init(**init_args)
 
 
@@ -118,7 +106,7 @@ def task_rows(num_rows: int, cpus: int, max_rows: int) -> int:
 
 def _run_ray_pipeline(
     rows: pa.Table,
-    preprocess: PreprocessArguments,
+    preprocess_args: PreprocessArguments,
     passthrough: list[str],
     run_id: str,
 ) -> list[dict[str, Any]]:
@@ -128,17 +116,19 @@ def _run_ray_pipeline(
 
     # One block per task-sized slice of the manifest: each becomes one decode+write task.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    rows_per_task = task_rows(rows.num_rows, cpus, preprocess.rows_per_task)
+    rows_per_task = task_rows(rows.num_rows, cpus, preprocess_args.rows_per_task)
     slices = [rows.slice(start, rows_per_task) for start in range(0, rows.num_rows, rows_per_task)]
     datasink = ArrowShardDatasink(
-        staging_uri=storage.join(preprocess.output_dir, f"{shard_format.STAGING_DIR}/{run_id}"),
+        staging_uri=storage.join(
+            preprocess_args.output_dir, f"{shard_format.STAGING_DIR}/{run_id}"
+        ),
         run_id=run_id,
         schema=shard_format.shard_schema(passthrough),
-        max_shard_bytes=preprocess.max_shard_bytes,
-        rows_per_batch=preprocess.decode_batch_size,
-        sampling_rate=preprocess.sampling_rate,
-        min_seconds=preprocess.min_duration_seconds,
-        max_seconds=preprocess.max_duration_seconds,
+        max_shard_bytes=preprocess_args.max_shard_bytes,
+        rows_per_batch=preprocess_args.decode_batch_size,
+        sampling_rate=preprocess_args.sampling_rate,
+        min_seconds=preprocess_args.min_duration_seconds,
+        max_seconds=preprocess_args.max_duration_seconds,
     )
     # Progress bars for a person at a terminal; in logs they cost driver CPU and say little.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
@@ -152,12 +142,13 @@ def _run_ray_pipeline(
     return datasink.results
 
 
-def prepare(manifest_args: ManifestArguments, preprocess: PreprocessArguments) -> dict[str, Any]:
+def prepare(
+    manifest_args: ManifestArguments, preprocess_args: PreprocessArguments
+) -> dict[str, Any]:
     """Process the manifest's new rows into the dataset directory; returns the run summary."""
     started = time.perf_counter()
-    _validate(preprocess)
     normalizer = TextNormalizer(
-        preprocess.lowercase, preprocess.keep_apostrophes, preprocess.chars_to_drop
+        preprocess_args.lowercase, preprocess_args.keep_apostrophes, preprocess_args.chars_to_drop
     )
     rows = read_manifest(
         manifest_args.manifest,
@@ -169,25 +160,25 @@ def prepare(manifest_args: ManifestArguments, preprocess: PreprocessArguments) -
         passthrough_columns=manifest_args.passthrough_columns,
     )
     passthrough = [n for n in rows.column_names if n not in ("id", "audio_uri", "sentence", "text")]
-    options = {**asdict(manifest_args), **asdict(preprocess), **normalizer.options()}
-    previous = shard_format.read_dataset_json(preprocess.output_dir)
+    options = {**asdict(manifest_args), **asdict(preprocess_args), **normalizer.options()}
+    previous = shard_format.read_dataset_json(preprocess_args.output_dir)
     known_ids: set[str] = set()
     if previous:
         _check_compatible(previous, options)
         known_ids.update(
-            shard_format.read_length_index(preprocess.output_dir, previous)["id"].to_pylist()
+            shard_format.read_length_index(preprocess_args.output_dir, previous)["id"].to_pylist()
         )
         known_ids.update(
-            r["id"] for r in shard_format.read_rejects(preprocess.output_dir, previous)
+            r["id"] for r in shard_format.read_rejects(preprocess_args.output_dir, previous)
         )
-    shard_format.remove_unreferenced(preprocess.output_dir, previous)
+    shard_format.remove_unreferenced(preprocess_args.output_dir, previous)
 
     to_decode, early_rejects, skipped = _split_rows(rows, known_ids)
     summary: dict[str, Any] = {"manifest_rows": rows.num_rows, "already_processed": skipped}
     if to_decode.num_rows == 0 and not early_rejects:
         summary["message"] = (
             f"nothing to do: all {rows.num_rows} manifest rows are already in "
-            f"{preprocess.output_dir}"
+            f"{preprocess_args.output_dir}"
         )
         return summary
 
@@ -195,9 +186,9 @@ def prepare(manifest_args: ManifestArguments, preprocess: PreprocessArguments) -
     results: list[dict[str, Any]] = []
     pipeline_seconds = 0.0
     if to_decode.num_rows:
-        _start_ray(preprocess)
+        _start_ray(preprocess_args)
         pipeline_started = time.perf_counter()
-        results = _run_ray_pipeline(to_decode, preprocess, passthrough, run_id)
+        results = _run_ray_pipeline(to_decode, preprocess_args, passthrough, run_id)
         pipeline_seconds = time.perf_counter() - pipeline_started
 
     shards = [shard_format.ShardInfo(**s) for r in results for s in r["shards"]]
@@ -208,12 +199,12 @@ def prepare(manifest_args: ManifestArguments, preprocess: PreprocessArguments) -
     )
     previous_symbols = []
     if previous:
-        vocab_uri = storage.join(preprocess.output_dir, previous["vocab"])
+        vocab_uri = storage.join(preprocess_args.output_dir, previous["vocab"])
         previous_symbols = list(json.loads(storage.read_bytes(vocab_uri)))
     vocab = build_vocab(
         [*accepted_texts.to_pylist(), "".join(s for s in previous_symbols if len(s) == 1)]
     )
-    output_seconds = sum(n for s in shards for n in s.num_samples) / preprocess.sampling_rate
+    output_seconds = sum(n for s in shards for n in s.num_samples) / preprocess_args.sampling_rate
     input_seconds = sum(r["input_seconds"] for r in results)
     run = shard_format.RunRecord(
         run_id=run_id,
@@ -225,7 +216,7 @@ def prepare(manifest_args: ManifestArguments, preprocess: PreprocessArguments) -
         wall_seconds=time.perf_counter() - started,
     )
     metadata = shard_format.commit_run(
-        preprocess.output_dir, previous, shards, rejects, vocab, options, run
+        preprocess_args.output_dir, previous, shards, rejects, vocab, options, run
     )
     summary.update(
         accepted=run.accepted,
@@ -258,11 +249,11 @@ def _format_summary(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    manifest_args, preprocess = parse_arguments(
+    manifest_args, preprocess_args = parse_arguments(
         (ManifestArguments, PreprocessArguments), sys.argv[1:] if argv is None else argv
     )
     try:
-        summary = prepare(manifest_args, preprocess)
+        summary = prepare(manifest_args, preprocess_args)
     except (ManifestError, ArgumentError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from train.free_port import free_port
+
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
@@ -26,7 +28,7 @@ def ray_local() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def german_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small Common Voice-layout corpus of espeak-ng German speech (~70 s)."""
-    from preprocess.demo_corpus import generate_corpus  # espeak-ng: not on GPU-only machines
+    from train.demo_corpus import generate_corpus  # espeak-ng: not on GPU-only machines
 
     directory = tmp_path_factory.mktemp("corpus")
     generate_corpus(directory, hours=0.02, seed=1)
@@ -63,14 +65,8 @@ def prepared(ray_local, german_corpus, tmp_path_factory) -> dict[str, Path]:
     return {"train": root / "train", "dev": root / "dev", "corpus": german_corpus}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # Set before any Ray worker starts: workers inherit the environment they are started with.
-S3_PORT = _free_port()
+S3_PORT = free_port()
 os.environ.update(
     {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",

@@ -157,7 +157,7 @@ def test_training_throughput_quick(tmp_path, work_dir) -> None:
     runs = details["runs"]
     assert [(run["preset"], run["stage"]) for run in runs] == [("tiny", 2), ("tiny", 3)]
     dataset = ShardDataset(details["dataset"])
-    longest_clip = float(dataset.num_samples.max()) / dataset.sampling_rate
+    longest_clip = float(dataset.audio_lengths.max()) / dataset.sampling_rate
     audio_per_step = {}
     for run in runs:
         assert run["ok"], run.get("error")

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import random
 from pathlib import Path
 
 import pytest
 import soundfile as sf
 
-from preprocess.demo_corpus import CV_COLUMNS, SAMPLE_RATE, SPLITS, CorpusSummary, generate_corpus
+from train.demo_corpus import (
+    CV_COLUMNS,
+    SAMPLE_RATE,
+    SPLITS,
+    CorpusSummary,
+    _make_sentence,
+    generate_corpus,
+)
 
 HOURS = 0.02
 # The generator stops at the first clip that reaches the target, so it overshoots by less
@@ -120,3 +128,18 @@ def test_missing_espeak_raises_install_hint(
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(RuntimeError, match="apt-get install espeak-ng"):
         generate_corpus(tmp_path / "corpus", hours=HOURS)
+
+
+def test_sentences_of_a_seed_are_pinned() -> None:
+    """Seed 0's sentences, pinned: the same as before the grammar moved from Python code to
+    train/demo_corpus_german.yaml. A deliberate edit of that file changes them (update the pins
+    then); a change of the generator's code must not."""
+    rng = random.Random("clips-0")
+    sentences = [_make_sentence(rng) for _ in range(2000)]
+    assert sentences[:3] == [
+        "Das schmutzige Kind sagt: „Vorsicht an der Bahnsteigkante!“",
+        "Der frische Bürgermeister sagt: „Pass auf, der alte Apfel ist heiß!“",
+        "Übrigens: der Bäcker bestellt das schmutzige Wörterbuch im Büro.",
+    ]
+    digest = hashlib.sha256("\n".join(sentences).encode()).hexdigest()
+    assert digest == "20a516152a7660e9689a53b5e8d79374a97530b6c36186c94032a886132393cd"

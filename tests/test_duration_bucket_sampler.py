@@ -25,7 +25,7 @@ LENGTHS = lognormal_lengths(3_000)
 
 def make_sampler(lengths: np.ndarray = LENGTHS, **overrides) -> DurationBucketSampler:
     config = {
-        "num_samples": lengths,
+        "audio_lengths": lengths,
         "sampling_rate": SAMPLING_RATE,
         "max_batch_seconds": MAX_BATCH_SECONDS,
     }

@@ -306,7 +306,7 @@ def test_deepspeed_hostfile_trains_from_s3_is_killed_and_resumes_on_one_host(
     ids = np.array([train[index]["id"] for index in range(len(train))])
     checkpoint = output / "checkpoints" / tag
     state = torch.load(next(checkpoint.glob("*model_states.pt")), weights_only=False)["sampler"]
-    layout = {"num_samples": train.num_samples, "sampling_rate": 16000, "seed": 42}
+    layout = {"audio_lengths": train.audio_lengths, "sampling_rate": 16000, "seed": 42}
     resumed = DurationBucketSampler(
         **layout, max_batch_seconds=6, world_size=1, gradient_accumulation_steps=2
     )

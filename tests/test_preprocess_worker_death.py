@@ -20,10 +20,10 @@ import pyarrow.ipc as ipc
 from espeak_audio import REPO_ROOT
 
 from preprocess import shard_format
-from preprocess.demo_corpus import generate_corpus
 from preprocess.prepare_dataset import TASK_MAX_RETRIES
 from preprocess.shard_format import ShardDataset
 from preprocess.verify_dataset import dataset_problems
+from train.demo_corpus import generate_corpus
 
 # The decode+write task's process title while it runs (ray::IDLE otherwise).
 TASK_TITLE = "ray::Write"

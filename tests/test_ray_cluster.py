@@ -10,7 +10,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import yaml
 from espeak_audio import REPO_ROOT
 
 from preprocess.shard_format import ShardDataset
+from train.free_port import free_port
 
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
 DECODE_TASK_PREFIX = "Write"  # Ray Data's name for the decode+write task
@@ -40,12 +40,6 @@ class RayCluster:
     env: dict[str, str]  # the auth settings every node and client must share
     head_node_id: str
     worker_node_id: str
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(
@@ -146,7 +140,7 @@ def ray_cluster() -> Iterator[RayCluster]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env |= {"RAY_USAGE_STATS_ENABLED": "0"}
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port = free_port(), free_port()
     # Ports Ray fixes by default (6379, 8265, 10001, 52365, workers' 10002-19999) are chosen here
     # or left to the OS, so that two nodes share one machine and neither meets another Ray on it.
     common = [
@@ -159,7 +153,7 @@ def ray_cluster() -> Iterator[RayCluster]:
         head = [
             "--head", f"--port={gcs_port}", "--include-dashboard=true",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-            f"--ray-client-server-port={_free_port()}",
+            f"--ray-client-server-port={free_port()}",
         ]  # fmt: skip
         _start_node(head + common, root / "head.log", env, processes)
         # One log monitor per machine: both nodes write to the same session directory.

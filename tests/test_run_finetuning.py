@@ -24,6 +24,7 @@ from espeak_audio import REPO_ROOT
 
 from argument_classes import ManifestArguments, PreprocessArguments
 from preprocess.prepare_dataset import prepare
+from train.free_port import free_port
 
 LAUNCHER = [sys.executable, "-m", "deepspeed.launcher.runner"]
 SCRIPT = str(REPO_ROOT / "train" / "run_finetuning.py")
@@ -57,12 +58,6 @@ def training_options(prepared: dict[str, Path], output_dir: Path, config: str, *
 def training_args(prepared: dict[str, Path], output_dir: Path, config: str, **extra) -> list[str]:
     options = training_options(prepared, output_dir, config, **extra)
     return [f"--{key}={value}" for key, value in options.items()]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launcher(num_ranks: int = 2) -> list[str]:
@@ -152,7 +147,7 @@ def test_export_transcribes_as_the_engine_decoded(zero2_run, prepared):
     from train.ctc_collator import CTCCollator
 
     dev = ShardDataset(str(prepared["dev"]))
-    item = dev[int(np.argsort(dev.num_samples, kind="stable")[0])]
+    item = dev[int(np.argsort(dev.audio_lengths, kind="stable")[0])]
     vocab = ShardDataset(str(prepared["train"])).vocab  # the model's, which dev's is not
     model_dir = str(zero2_run / "model")
     processor = Wav2Vec2Processor.from_pretrained(model_dir)
@@ -498,7 +493,7 @@ def test_preempted_run_resumes_on_another_number_of_ranks(
     train = ShardDataset(str(prepared["train"]))
     ids = np.array([train[index]["id"] for index in range(len(train))])
     state = torch.load(next(checkpoint.glob("*model_states.pt")), weights_only=False)["sampler"]
-    layout = {"num_samples": train.num_samples, "sampling_rate": 16000, "seed": 42}
+    layout = {"audio_lengths": train.audio_lengths, "sampling_rate": 16000, "seed": 42}
     planned = DurationBucketSampler(
         **layout, max_batch_seconds=6, world_size=before, gradient_accumulation_steps=accumulation
     ).plan_epoch(0)
@@ -605,16 +600,16 @@ def test_vocabulary_mismatch_with_model_head_is_refused(zero2_run, prepared, tmp
 
 def trainer_sampler(train_set, seed: int | None = None):
     """The sampler the trainer builds for training_args' runs on 2 ranks: its plan, known here."""
-    from argument_classes import DataArguments, TrainingArguments
+    from argument_classes import DataArguments, FinetuningArguments
     from train.duration_bucket_sampler import DurationBucketSampler
 
     return DurationBucketSampler(
-        num_samples=train_set.num_samples,
+        audio_lengths=train_set.audio_lengths,
         sampling_rate=train_set.sampling_rate,
         max_batch_seconds=12,
         world_size=2,
         num_buckets=DataArguments.num_buckets,
-        seed=TrainingArguments.seed if seed is None else seed,
+        seed=FinetuningArguments.seed if seed is None else seed,
     )
 
 
@@ -696,7 +691,7 @@ def test_bf16_export_holds_the_fp32_master_weights(prepared, tmp_path, config):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
-    from argument_classes import ModelArguments, TrainingArguments
+    from argument_classes import FinetuningArguments, ModelArguments
     from preprocess.shard_format import ShardDataset
     from train.wav2vec2_model import build_model
 
@@ -708,7 +703,7 @@ def test_bf16_export_holds_the_fp32_master_weights(prepared, tmp_path, config):
     masters = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "checkpoints"), "step2")
     # The same seeded random init the trainer built, before DeepSpeed cast it to bf16.
     train_set = ShardDataset(str(prepared["train"]))
-    torch.manual_seed(TrainingArguments.seed)
+    torch.manual_seed(FinetuningArguments.seed)
     initial = build_model(
         ModelArguments(model_name_or_path="tiny", mask_time_prob=0.0, freeze_feature_encoder=True),
         train_set.vocab,
@@ -808,30 +803,27 @@ def test_two_epochs_on_zero1_from_a_json_file_see_each_utterance_once_per_epoch(
 
 
 def test_arguments_from_a_yaml_file(tmp_path):
-    from argument_classes import DataArguments, ModelArguments, TrainingArguments, parse_arguments
+    from argument_classes import DataArguments, FinetuningArguments, ModelArguments, parse_arguments
 
     (tmp_path / "args.yaml").write_text(
         "model_name_or_path: tiny\ntrain_dir: data/train\noutput_dir: runs/x\n"
         "max_steps: 7\nfreeze_feature_encoder: false\ndeepspeed: zero1_bf16.json\n"
     )
-    classes = (ModelArguments, DataArguments, TrainingArguments)
+    classes = (ModelArguments, DataArguments, FinetuningArguments)
     argv = ["--local_rank=0", str(tmp_path / "args.yaml")]
-    model, data, training = parse_arguments(classes, argv)
-    assert (model.model_name_or_path, model.freeze_feature_encoder) == ("tiny", False)
-    assert (data.train_dir, training.max_steps, training.deepspeed) == (
-        "data/train",
-        7,
-        "zero1_bf16.json",
-    )
+    model_args, data_args, finetuning_args = parse_arguments(classes, argv)
+    assert (model_args.model_name_or_path, model_args.freeze_feature_encoder) == ("tiny", False)
+    assert data_args.train_dir == "data/train"
+    assert (finetuning_args.max_steps, finetuning_args.deepspeed) == (7, "zero1_bf16.json")
 
 
 def initial_tiny_model(vocab: dict[str, int]) -> torch.nn.Module:
     """The model training_args' runs start from: the trainer seeds torch with the run's seed,
     then builds it (tiny preset, SpecAugment off as training_options sets it)."""
-    from argument_classes import ModelArguments, TrainingArguments
+    from argument_classes import FinetuningArguments, ModelArguments
     from train.wav2vec2_model import build_model
 
-    torch.manual_seed(TrainingArguments.seed)
+    torch.manual_seed(FinetuningArguments.seed)
     return build_model(ModelArguments("tiny", mask_time_prob=0.0), vocab, 16000)
 
 

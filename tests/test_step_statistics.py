@@ -1,16 +1,17 @@
-"""StepStatistics: micro-steps stay on the device with no host sync; one collective, on it."""
+"""StepStatistics: micro-steps stay on the device with no host sync; one collective, on it. And
+the record an interval logs."""
 
 from __future__ import annotations
 
 import math
-import os
-import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
+from one_rank_group import process_group_of_one
 
-from train.step_statistics import StepStatistics
+from train.step_statistics import StepStatistics, interval_record
 
 
 class RecordingAllReduce:
@@ -48,18 +49,8 @@ def test_micro_steps_never_touch_the_host_and_reduce_once_on_the_device(monkeypa
     assert values.shape == (len(StepStatistics.HOST_FIELDS + StepStatistics.DEVICE_FIELDS),)
 
 
-@pytest.fixture
-def process_group_of_one():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-def test_nonfinite_losses_are_counted_not_summed(process_group_of_one) -> None:
+def test_nonfinite_losses_are_counted_not_summed() -> None:
+    process_group_of_one()
     statistics = StepStatistics(torch.device("cpu"))
     for loss, tokens in ((2.0, 5), (math.nan, 7), (3.0, 11), (math.inf, 13)):
         statistics.add_loss(torch.tensor(loss, dtype=torch.float32), target_tokens=tokens)
@@ -82,9 +73,55 @@ def test_nonfinite_losses_are_counted_not_summed(process_group_of_one) -> None:
     assert statistics.reduce_and_reset()["micro_batches"] == 0
 
 
-def test_an_interval_without_a_finite_loss_logs_nan_not_zero(process_group_of_one) -> None:
+def test_an_interval_without_a_finite_loss_logs_nan_not_zero() -> None:
+    process_group_of_one()
     statistics = StepStatistics(torch.device("cpu"))
     statistics.add_loss(torch.tensor(math.nan), target_tokens=9)
     totals = statistics.reduce_and_reset()
     assert totals["nonfinite_losses"] == 1 and totals["loss_target_tokens"] == 0
     assert math.isnan(totals["loss"])
+
+
+class OptimizerState:
+    """What interval_record asks a DeepSpeed engine, as an fp16 engine answers after 3 steps."""
+
+    skipped_steps = 1
+    optimizer = SimpleNamespace(loss_scale=1024.0)
+
+    def get_lr(self) -> list[float]:
+        return [5e-4]
+
+    def get_global_grad_norm(self) -> float | None:
+        return None  # a skipped step has none
+
+    def fp16_enabled(self) -> bool:
+        return True
+
+
+def test_the_interval_record_is_per_step_and_per_audio_second() -> None:
+    """Two steps of 2 ranks x 2 micro-batches in 4 s: 8 micro-batches, 2 s per step."""
+    totals = {
+        "loss": 0.75,
+        "audio_seconds": 30.0,
+        "padded_seconds": 40.0,
+        "micro_batches": 8,
+        "batch_checksum": 2.0**33 + 1,
+        "nonfinite_losses": 1,
+    }
+    record = interval_record(
+        totals, OptimizerState(), step=3, epoch=1, seconds=4.0, micro_batches_per_step=4,
+        nonfinite_losses=2,
+    )  # fmt: skip
+    memory = {"max_memory_allocated_gib"} if torch.cuda.is_available() else set()
+    assert set(record) - memory == {
+        "step", "epoch", "loss", "learning_rate", "audio_seconds_per_second", "padding_fraction",
+        "step_time", "nonfinite_losses", "skipped_steps", "grad_norm", "batch_checksum",
+        "loss_scale",
+    }  # fmt: skip
+    assert (record["step"], record["epoch"], record["loss"]) == (3, 1, 0.75)
+    assert record["learning_rate"] == 5e-4 and record["loss_scale"] == 1024.0
+    assert record["audio_seconds_per_second"] == 7.5 and record["padding_fraction"] == 0.25
+    assert record["step_time"] == 2.0
+    # The run's count, not the interval's; the engine's skips; no norm reads as 0.
+    assert (record["nonfinite_losses"], record["skipped_steps"], record["grad_norm"]) == (2, 1, 0.0)
+    assert record["batch_checksum"] == 2**33 + 1 and isinstance(record["batch_checksum"], int)

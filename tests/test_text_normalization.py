@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from argument_classes import ManifestArguments, PreprocessArguments
+from argument_classes import ArgumentError, ManifestArguments, PreprocessArguments
 from preprocess.manifest import read_manifest
-from preprocess.prepare_dataset import ArgumentError, main, prepare
+from preprocess.prepare_dataset import main, prepare
 from preprocess.text_normalization import (
     PAD_TOKEN,
     TEXT_NORMALIZATION_VERSION,

@@ -1,4 +1,8 @@
-"""Collates raw-audio utterances and transcripts into wav2vec2 CTC batches."""
+"""Collates raw-audio utterances and transcripts into wav2vec2 CTC batches.
+
+The DataLoader's ``collate_fn`` in train/run_finetuning.py, so with ``--dataloader_num_workers``
+above 0 it runs in the loader's worker processes and the training process gets ready tensors.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +21,19 @@ LABEL_PAD = -100  # ignored by the CTC loss in transformers' Wav2Vec2ForCTC
 
 
 def encode_transcript(text: str, vocab: dict[str, int]) -> list[int]:
-    """Maps a normalized transcript to CTC label ids as Wav2Vec2CTCTokenizer does.
+    """Maps a normalized transcript to CTC label ids, as Wav2Vec2CTCTokenizer does, without
+    building a tokenizer: one dict lookup per character.
 
-    Spaces become the word delimiter ``|``; characters missing from the vocab become
-    ``[UNK]``.
+    >>> encode_transcript("ja gut", {"[UNK]": 1, "|": 2, "a": 3, "j": 4, "g": 5, "u": 6})
+    [4, 3, 2, 5, 6, 1]
+
+    Args:
+        text: A transcript normalized as the dataset's ``vocab.json`` expects. Spaces become
+            the word delimiter ``|``; characters missing from the vocab become ``[UNK]``.
+        vocab: Token to id, with ``[UNK]``.
+
+    Raises:
+        KeyError: ``vocab`` has no ``[UNK]``.
     """
     unk = vocab[UNK_TOKEN]
     return [vocab.get(char, unk) for char in text.replace(" ", WORD_DELIMITER)]
@@ -28,21 +41,37 @@ def encode_transcript(text: str, vocab: dict[str, int]) -> list[int]:
 
 @dataclass
 class CTCCollator:
-    """Pads a list of ``{"audio", "text"}`` items into wav2vec2 CTC training tensors.
+    """Pads a list of ``{"audio", "text"}`` items into wav2vec2 CTC training tensors, the
+    DataLoader's ``collate_fn``, normalizing each utterance as the model's feature extractor does.
 
-    With ``do_normalize`` each utterance is scaled to zero mean and unit variance over
-    its real samples only, as Wav2Vec2FeatureExtractor does given an attention mask, so
-    padding never shifts the statistics. Items from a ShardDataset carry ``audio_mean`` and
-    ``audio_std`` computed at preprocessing time; other items get them computed here.
-    Padding is zeros in ``input_values`` and -100 in ``labels``. ``input_lengths`` (samples)
-    and ``target_lengths`` stay host tensors: the CTC loss wants its lengths on the host, so
-    they never travel to the device and back.
+    >>> collator = CTCCollator(vocab=train_set.vocab, do_normalize=True)
+    >>> batch = collator([train_set[i] for i in ids])
+    >>> batch["input_values"].shape, batch["labels"].shape   # (batch, samples), (batch, tokens)
+
+    Calling it returns ``input_values`` (float32, zero-padded), ``input_lengths`` (samples),
+    ``labels`` (int64, padded with -100, which the CTC loss ignores), ``target_lengths`` and,
+    with ``return_attention_mask``, ``attention_mask``. The lengths stay host tensors: the CTC
+    loss wants its lengths on the host, so they never travel to the device and back.
+
+    Args:
+        vocab: Token to id, with the word delimiter ``|`` and ``[UNK]`` (the dataset's
+            ``vocab.json``).
+        do_normalize: Scale each utterance to zero mean and unit variance over its real
+            samples only, as Wav2Vec2FeatureExtractor does given an attention mask, so padding
+            never shifts the statistics. Items from a ShardDataset bring the ``audio_mean``
+            and ``audio_std`` computed at preprocessing; others get them computed here.
+        return_attention_mask: Also return the (batch, samples) mask of real samples. Off by
+            default: it costs the host as much as the audio itself, and the training loop
+            builds it on the device from ``input_lengths`` instead (``attention_mask``).
+        pad_to_multiple_of: Round the padded length up to a multiple of this many samples.
+
+    Raises:
+        ValueError: ``vocab`` lacks ``|`` or ``[UNK]``, or ``pad_to_multiple_of`` < 1; when
+            called, an item's audio is not 1-D.
     """
 
     vocab: dict[str, int]
     do_normalize: bool
-    # Off by default: a (batch, samples) mask costs the host as much as the audio itself, and
-    # the training loop builds it on the device from input_lengths instead (attention_mask()).
     return_attention_mask: bool = False
     pad_to_multiple_of: int | None = None
 
@@ -101,6 +130,15 @@ class CTCCollator:
 
 
 def attention_mask(input_lengths: torch.Tensor, frames: int, device: torch.device) -> torch.Tensor:
-    """The (batch, frames) int32 mask of real samples, built on ``device`` from the lengths."""
+    """The (batch, frames) int32 mask of real samples, built on ``device`` from the lengths, so
+    the host never builds or copies a mask as large as the audio.
+
+    >>> mask = attention_mask(batch["input_lengths"], batch["input_values"].shape[1], device)
+
+    Args:
+        input_lengths: Real samples per utterance (host or device).
+        frames: The padded length, ``input_values.shape[1]``.
+        device: Where to build the mask.
+    """
     lengths = input_lengths.to(device, non_blocking=True)
     return (torch.arange(frames, device=device) < lengths[:, None]).to(torch.int32)

@@ -1,4 +1,5 @@
-"""DeepSpeed's startup without what this trainer never calls or needs to read.
+"""DeepSpeed's startup: the engine (`initialize_engine`), without what this trainer never calls
+or needs to read.
 
 On CPU, `deepspeed.init_distributed` JIT-builds a shared-memory all-reduce op with ninja and
 g++ on the first start after an install (measured on a 2-core VM: 22 to 60 s of a 2-rank
@@ -18,6 +19,9 @@ Two warnings that every rank prints at every start ask nothing of the user, and 
 DeepSpeed's warmup schedulers ask themselves for their learning rate while they are built
 (getting their starting one, which is right), and torch deprecates the collectives DeepSpeed's
 ZeRO calls (only DeepSpeed can move; a removal would fail loudly, not silently).
+
+Under ZeRO-3, transformers must know that the model is partitioned while it builds and runs it
+(`zero3_model_config`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 SCHEDULER_NOT_STARTED = "Attempting to get learning rate from scheduler before it has started"
@@ -86,3 +91,45 @@ def import_muon_without_compiling() -> None:
         pass
     finally:
         compiler.compile = eager_compile
+
+
+def zero3_model_config(ds_config: dict[str, Any]) -> Any | None:
+    """Under ZeRO-3, transformers' HfDeepSpeedConfig of `ds_config`; None under other stages.
+
+    transformers holds it by weak reference and asks it whether ZeRO-3 is on while the model is
+    built (weights are then created partitioned, and the weight-normed positional convolution is
+    gathered right) and on every forward: the caller keeps it until the engine's last forward.
+    """
+    if ds_config["zero_optimization"]["stage"] != 3:
+        return None
+    # Imported only here: it pulls in accelerate, which other stages never use.
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def initialize_engine(model: nn.Module, ds_config: dict[str, Any]) -> tuple[Any, torch.dtype]:
+    """`deepspeed.initialize` on `model`'s trainable parameters: the engine, and the dtype its
+    inputs are cast to (the engine's bf16, fp16 or fp32).
+
+    Frozen parameters get no optimizer state. fp32 engines on GPUs use TF32 tensor cores.
+    """
+    import deepspeed
+
+    import_muon_without_compiling()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+    )
+    input_dtype = (
+        torch.bfloat16
+        if engine.bfloat16_enabled()
+        else torch.float16
+        if engine.fp16_enabled()
+        else torch.float32
+    )
+    if input_dtype == torch.float32 and torch.cuda.is_available():
+        # TF32 tensor cores (Ampere and newer) for fp32 runs; no effect on older GPUs.
+        torch.set_float32_matmul_precision("high")
+    return engine, input_dtype

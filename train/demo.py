@@ -15,10 +15,11 @@ import argparse
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from train.free_port import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,9 +69,7 @@ def train(data: Path, run: Path, args: argparse.Namespace) -> None:
     gpus = torch.cuda.device_count()
     num_ranks = args.num_ranks or gpus or min(2, os.cpu_count() or 1)
     config = "zero2_bf16.json" if gpus else "zero2_fp32.json"
-    with socket.socket() as sock:  # the launcher's default port may be taken by another job
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # the launcher's default port may be taken by another job
     command = [
         sys.executable, "-m", "deepspeed.launcher.runner", *quiet_launcher_options(),
         "--num_accelerators", str(num_ranks), "--master_port", str(port),
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.output_dir).resolve()
     corpus, data, run = root / "corpus", root / "data", root / "run"
     if not (corpus / "test.tsv").exists():
-        from preprocess.demo_corpus import generate_corpus
+        from train.demo_corpus import generate_corpus
 
         print(f"[demo] generating {args.hours} h of German speech in {corpus}", flush=True)
         generate_corpus(corpus, hours=args.hours)

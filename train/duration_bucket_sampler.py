@@ -1,15 +1,8 @@
 """Duration-bucketed micro-batch planning for distributed CTC training.
 
-The sampler sees only a length index (audio samples per utterance), never audio. It
-batches the way Lhotse's ``DynamicBucketingSampler`` and NeMo do, not by sorting with
-added noise: utterances fall into duration bins (``train.duration_bins``: one per batch
-size that fits the budget, split further where that cuts padding most); each epoch
-shuffles every bin, cuts it into batches of its size, then deals the batches to
-micro-steps. Every rank computes the same global plan from ``(seed, epoch, lengths,
-config)`` and takes its own column, so no communication is needed. Planning is a few
-numpy passes over flat arrays, with Python loops over bins but never over batches, so
-millions of utterances plan in well under a second. A checkpoint resumes on another world
-size, accumulation or budget by re-planning what its epoch had left (class docstring).
+Every rank plans the same epoch from the length index alone and takes its own column, with no
+communication. How batches are planned, balanced and re-planned on resume with another world
+size: docs/batch_planning.md.
 """
 
 from __future__ import annotations
@@ -27,22 +20,38 @@ from train.duration_bins import DurationBins, duration_bins
 def per_batch(
     ufunc: np.ufunc, values: np.ndarray, order: np.ndarray, bounds: np.ndarray
 ) -> np.ndarray:
-    """``ufunc`` reduced over each batch ``values[order[bounds[i]:bounds[i + 1]]]``.
+    """``ufunc`` reduced over each batch ``values[order[bounds[i]:bounds[i + 1]]]``, one result
+    per batch, in one vectorized ``reduceat`` instead of a Python loop over batches.
 
-    One ``reduceat`` over the gathered values instead of a Python loop over batches; it is
-    exact because no batch is empty (reduceat would return the element at an empty one).
+    >>> plan = sampler.plan_epoch(epoch)
+    >>> longest = per_batch(np.maximum, sampler.lengths, plan.order, plan.bounds)
+
+    Args:
+        ufunc: A binary numpy ufunc, such as ``np.add`` or ``np.maximum``.
+        values: One value per utterance.
+        order: Utterance indices, batch by batch (``EpochPlan.order``).
+        bounds: Batch ``i`` is ``order[bounds[i]:bounds[i + 1]]``; no batch may be empty,
+            where ``reduceat`` would return a single element instead.
     """
     return ufunc.reduceat(values[order], bounds[:-1])
 
 
 class EpochPlan:
-    """One epoch's global plan as flat arrays; rows and batches are cheap views.
+    """One epoch's global plan, every rank's batches, as three flat arrays, so that planning
+    millions of utterances needs no Python object per batch; rows and batches are views.
 
-    ``order`` is every utterance the plan packs (all of them, or what an elastic resume
-    re-planned) in shuffled order, batch ``i`` is ``order[bounds[i]:bounds[i + 1]]``, and
-    ``grid[step, rank]`` is the batch number that ``rank`` runs at micro-step ``step``.
-    Batches left out of ``grid`` are the skipped remainder. Like a list of rows, indexing
-    and iterating give one index array per rank.
+    Like a list of micro-steps, indexing and iterating give one index array per rank.
+
+    >>> plan = sampler.plan_epoch(epoch)
+    >>> len(plan)                          # micro-steps
+    >>> ids = plan[step][rank]             # the same as plan.batch(plan.grid[step, rank])
+
+    Args:
+        order: Every utterance the plan packs (all of them, or what an elastic resume
+            re-planned), in shuffled order.
+        bounds: Batch ``i`` is ``order[bounds[i]:bounds[i + 1]]``.
+        grid: ``grid[step, rank]`` is the batch ``rank`` runs at micro-step ``step``; batches
+            not in ``grid`` are the epoch's skipped remainder.
     """
 
     def __init__(self, order: np.ndarray, bounds: np.ndarray, grid: np.ndarray) -> None:
@@ -94,59 +103,52 @@ LAYOUT_KEYS = (
 
 
 class DurationBucketSampler:
-    """Plans padded-seconds-bounded micro-batches, the same count on every rank.
+    """Plans micro-batches of similar-length utterances within ``max_batch_seconds`` of padded
+    audio, the same count on every rank: bounded memory, little padding, no rank left waiting.
 
-    A micro-batch's padded audio, ``len(batch) * longest / sampling_rate``, stays within
-    ``max_batch_seconds``; an utterance longer than that alone gets a micro-batch of its
-    own (one warning with the count), so no utterance is ever dropped for its length.
-    Batches hold utterances of one duration bin (``train.duration_bins``): the lengths
-    sharing a batch size, split ``num_buckets - 1`` more times where that cuts padding
-    most. More buckets pad less, but mix lengths less.
+    A ``batch_sampler`` for ``torch.utils.data.DataLoader``; it yields lists of utterance
+    indices. Each epoch's plan is a pure function of ``seed``, the epoch, the lengths and the
+    layout (``LAYOUT_KEYS``), and its position can be checkpointed and resumed, on the same
+    layout exactly, on another by re-planning the rest of the epoch (docs/batch_planning.md).
 
-    World layout: consecutive micro-batches form *global micro-steps* of ``world_size``
-    batches, one per rank, and ``gradient_accumulation_steps`` micro-steps form one
-    optimizer step. The epoch keeps the largest whole number of optimizer steps; the
-    fewer than ``world_size * gradient_accumulation_steps`` micro-batches left over are
-    skipped this epoch. Which ones are skipped is random (the batch order is reshuffled
-    every epoch), so no utterance is skipped systematically.
+    >>> sampler = DurationBucketSampler(
+    ...     audio_lengths=train_set.audio_lengths,  # a ShardDataset's length index
+    ...     sampling_rate=train_set.sampling_rate,
+    ...     max_batch_seconds=200.0,
+    ...     world_size=dist.get_world_size(),
+    ...     rank=dist.get_rank(),
+    ... )
+    >>> loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collator, num_workers=2)
+    >>> sampler.set_epoch(epoch)
+    >>> for consumed, batch in enumerate(loader, start=1):
+    ...     ...  # train; at a checkpoint:
+    ...     client_state = {"sampler": sampler.state_dict(consumed_in_pass=consumed)}
 
-    Balance: the kept micro-batches are sorted by padded samples and cut into optimizer
-    steps, and the steps are shuffled, so the ``world_size`` batches running at the same
-    time cost about the same (each micro-step is a synchronisation point under ZeRO, and
-    waits for its costliest batch). Which batches are kept and the order of the steps
-    stay random; within a step, the dealing direction alternates between micro-steps so
-    per-step totals per rank even out.
+    Args:
+        audio_lengths: Audio samples per utterance, a 1-D integer array (the length index).
+        sampling_rate: Samples per second of ``audio_lengths``.
+        max_batch_seconds: Budget of one micro-batch, ``len(batch) * longest`` in seconds.
+            An utterance longer than that gets a micro-batch of its own (one warning).
+        world_size: Ranks; each optimizer step runs ``world_size`` batches per micro-step.
+        rank: This rank, in ``[0, world_size)``: it iterates its own column of the plan.
+        gradient_accumulation_steps: Micro-steps per optimizer step. An epoch keeps whole
+            optimizer steps only; the few batches left over are skipped, different ones each
+            epoch.
+        num_buckets: Duration bins: the batch-size classes split ``num_buckets - 1`` more times
+            where that cuts padding most. More pad less but mix lengths less.
+        seed: Seed of every epoch's shuffle; all ranks must pass the same.
+        max_batch_size: At most this many utterances per micro-batch (default: no cap).
 
-    Resuming: ``state_dict(consumed_in_pass)`` records the epoch and the absolute
-    position in that epoch's plan. A DataLoader with workers prefetches, so the number
-    of batches this sampler has yielded runs ahead of what the training loop consumed;
-    the loop therefore passes the count it actually took from the current pass (its
-    ``enumerate`` counter), and the sampler adds the position that pass started from.
-    Without the argument the yielded count is used, exact only without prefetching.
-    After ``load_state_dict`` the next pass starts at the saved position; any other pass
-    starts at 0. ``set_epoch`` with the epoch already set keeps a pending resume.
-
-    Elastic resume: a state written under another layout (``LAYOUT_KEYS``: world size,
-    accumulation or batch budget; same seed and lengths) finishes its epoch rather than
-    being refused. Every rank rebuilds the writer's plan, takes the utterances of the kept
-    batches its first ``consumed_micro_steps`` micro-steps had not run, and packs and deals
-    them afresh for this layout, seeded by ``(seed, epoch, generation)`` where generation
-    counts the re-plans of the epoch; so ranks agree without talking. That re-plan *is*
-    this sampler's plan of the epoch: ``plan_epoch``, ``len``, ``micro_step_totals`` and the
-    position (starting at 0) all refer to it. Each kept utterance of the epoch thus trains
-    exactly once, except the re-plan's own whole-step remainder: fewer than
-    ``world_size * gradient_accumulation_steps`` new batches, which the uninterrupted run
-    would have trained. The writer's skipped remainder stays skipped, so what is left
-    depends only on the writer's plan and position. A re-planned epoch's state lists the
-    earlier segments (layout and micro-steps consumed) under ``replanned_from``, so it
-    resumes again: on its own layout exactly, on another by re-planning once more. The
-    following epochs plan as usual.
+    Raises:
+        ValueError: ``audio_lengths`` is not a non-empty 1-D array of positive integers; a
+            setting is out of range (``rank`` outside ``[0, world_size)``, a budget shorter
+            than one sample, a count below 1).
     """
 
     def __init__(
         self,
         *,
-        num_samples: np.ndarray,
+        audio_lengths: np.ndarray,
         sampling_rate: int,
         max_batch_seconds: float,
         world_size: int = 1,
@@ -156,11 +158,11 @@ class DurationBucketSampler:
         seed: int = 0,
         max_batch_size: int | None = None,
     ) -> None:
-        lengths = np.asarray(num_samples)
+        lengths = np.asarray(audio_lengths)
         if lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.integer):
-            raise ValueError("num_samples must be a 1-D integer array")
+            raise ValueError("audio_lengths must be a 1-D integer array")
         if lengths.size == 0 or lengths.min() <= 0:
-            raise ValueError("num_samples must be non-empty and positive")
+            raise ValueError("audio_lengths must be non-empty and positive")
         if sampling_rate <= 0 or max_batch_seconds <= 0:
             raise ValueError("sampling_rate and max_batch_seconds must be positive")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -231,9 +233,14 @@ class DurationBucketSampler:
         return order, np.concatenate([*cuts, [position, end] if position < end else [end]])
 
     def plan_epoch(self, epoch: int) -> EpochPlan:
-        """Returns the global plan: per micro-step, one index array per rank.
+        """The global plan of ``epoch``: per micro-step, one index array per rank.
 
-        For an epoch an elastic resume re-planned, the re-plan of what it had left.
+        For the epoch an elastic resume re-planned, the re-plan of what it had left. Cached,
+        so calling it again for the same epoch is free.
+
+        Raises:
+            ValueError: The epoch has fewer micro-batches than one optimizer step,
+                ``world_size * gradient_accumulation_steps``: lower ``max_batch_seconds``.
         """
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
@@ -272,7 +279,7 @@ class DurationBucketSampler:
             # This sampler already warned about the oversized utterances it will train.
             warnings.simplefilter("ignore")
             return DurationBucketSampler(
-                num_samples=self.lengths,
+                audio_lengths=self.lengths,
                 sampling_rate=self.sampling_rate,
                 seed=self.seed,
                 **layout,
@@ -323,10 +330,19 @@ class DurationBucketSampler:
         return EpochPlan(order, bounds, grid.reshape(-1, self.world_size))
 
     def micro_step_totals(self, values: np.ndarray, epoch: int) -> np.ndarray:
-        """Per micro-step of ``epoch``, the sum of ``values[ids]`` over all ranks' batches.
+        """Per micro-step of ``epoch``, the sum of ``values`` over all ranks' batches: what an
+        all-reduce would give, known from the plan without communication.
 
-        ``values`` holds one number per utterance (e.g. target lengths); the result has one
-        entry per micro-step, in int64 or float64 so per-utterance types cannot overflow.
+        >>> plan_targets = sampler.micro_step_totals(train_set.text_lengths, epoch)
+
+        Args:
+            values: One number per utterance (e.g. target lengths). The result has one entry
+                per micro-step, in int64 or float64, so small per-utterance types cannot
+                overflow.
+            epoch: The epoch whose plan to sum over.
+
+        Raises:
+            ValueError: ``values`` is not shaped like ``audio_lengths``.
         """
         values = np.asarray(values)
         if values.shape != self.lengths.shape:
@@ -337,7 +353,10 @@ class DurationBucketSampler:
         return sums[plan.grid].sum(axis=1)
 
     def set_epoch(self, epoch: int) -> None:
-        """Selects the epoch to iterate; a new epoch starts at its first micro-step."""
+        """Selects the epoch to iterate; a new epoch starts at its first micro-step.
+
+        Setting the epoch already set keeps the position a ``load_state_dict`` restored.
+        """
         if epoch != self.epoch:
             self.epoch = epoch
             self._start = self._pass_start = self._position = 0
@@ -347,6 +366,11 @@ class DurationBucketSampler:
         return len(self.plan_epoch(self.epoch))
 
     def __iter__(self) -> Iterator[list[int]]:
+        """This rank's batches of the current epoch, as lists of utterance indices.
+
+        The first pass after ``load_state_dict`` starts at the restored position; any other
+        pass starts at the epoch's first micro-step.
+        """
         plan = self.plan_epoch(self.epoch)
         self._pass_start = self._position = self._start
         self._start = 0
@@ -355,7 +379,20 @@ class DurationBucketSampler:
             yield plan.batch(plan.grid[step, self.rank]).tolist()
 
     def state_dict(self, consumed_in_pass: int | None = None) -> dict[str, Any]:
-        """Returns the resume state; see the class docstring for ``consumed_in_pass``."""
+        """The resume state, a dict of plain values for a checkpoint: the epoch, how many of its
+        micro-steps were consumed, and the seed, data size and layout they were planned with.
+
+        >>> client_state = {"sampler": sampler.state_dict(consumed_in_pass=consumed)}
+
+        Args:
+            consumed_in_pass: Batches the training loop took from the current pass (its
+                ``enumerate`` count). A DataLoader with workers prefetches, so the sampler has
+                yielded more than the loop consumed; the sampler adds the position the pass
+                started from. None: the count yielded, exact only without prefetching.
+
+        Raises:
+            ValueError: ``consumed_in_pass`` is more than this pass yielded, or negative.
+        """
         yielded = self._position - self._pass_start
         if consumed_in_pass is None:
             consumed_in_pass = yielded
@@ -373,9 +410,19 @@ class DurationBucketSampler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores a state so the next pass continues with the next unconsumed batch.
+        """Restores a ``state_dict`` so that the next pass continues with the next unconsumed
+        batch; a state from another layout re-plans the rest of its epoch instead of failing.
 
-        A state from another layout re-plans the rest of its epoch (class docstring).
+        >>> sampler.load_state_dict(client_state["sampler"])
+
+        Args:
+            state: What ``state_dict`` returned, possibly on another world size, accumulation
+                or budget (``LAYOUT_KEYS``); see docs/batch_planning.md for the re-plan.
+
+        Raises:
+            ValueError: The state was written by another planner version, for another seed or
+                number of utterances, or its position does not fit the plan. The sampler is
+                left unchanged.
         """
         if state.get("planner") != PLANNER_VERSION:
             raise ValueError(

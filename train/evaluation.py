@@ -17,21 +17,21 @@ from train.ctc_collator import attention_mask
 
 
 def evaluation_batches(
-    num_samples: np.ndarray, sampling_rate: int, max_batch_seconds: float, world_size: int
+    audio_lengths: np.ndarray, sampling_rate: int, max_batch_seconds: float, world_size: int
 ) -> list[list[list[int]]]:
     """Per rank, batches covering every utterance exactly once.
 
     Utterances are sorted by length so batches pad little, and dealt to ranks in turn; with
     fewer utterances than ranks some ranks get no batch at all.
     """
-    order = np.argsort(num_samples, kind="stable")
+    order = np.argsort(audio_lengths, kind="stable")
     budget = max_batch_seconds * sampling_rate
     per_rank: list[list[list[int]]] = []
     for rank in range(world_size):
         batches: list[list[int]] = []
         current: list[int] = []
         for index in order[rank::world_size].tolist():
-            if current and (len(current) + 1) * num_samples[index] > budget:
+            if current and (len(current) + 1) * audio_lengths[index] > budget:
                 batches.append(current)
                 current = []
             current.append(index)

@@ -14,6 +14,9 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 from torch import nn
 from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
+from transformers.integrations import unset_hf_deepspeed_config
+
+from train.ctc_collator import CTCCollator
 
 
 def frozen_fp32_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -136,7 +139,7 @@ def exported_logits_difference(
 ) -> float:
     """Largest |logit| difference between reference logits and the model reloaded, in fp32.
 
-    Call with no ZeRO-3 HfDeepSpeedConfig alive: from_pretrained would build the model
+    Call with no ZeRO-3 HfDeepSpeedConfig set: from_pretrained would build the model
     partitioned, a collective the other ranks are not part of.
     """
     inputs = {key: batch[key] for key in ("input_values", "attention_mask") if key in batch}
@@ -144,3 +147,38 @@ def exported_logits_difference(
     with torch.no_grad():
         logits = exported(**inputs).logits
     return float((reference_logits - logits).abs().max())
+
+
+def export_and_verify(
+    engine: Any,
+    processor: Wav2Vec2Processor,
+    *,
+    output_dir: str,
+    frozen_fp32: dict[str, torch.Tensor],
+    probe_items: list[dict[str, Any]],
+    vocab: dict[str, int],
+    input_dtype: torch.dtype,
+    zero3_config: Any | None,
+) -> tuple[str, float] | None:
+    """Exports OUTPUT/model and checks that it computes what the engine computes; on rank 0 the
+    model directory and the largest logit difference on `probe_items`, None on other ranks.
+
+    A collective: every rank calls it after the engine's last step. The probe is collated as
+    the export's own feature extractor prepares audio (normalized, masked if it makes masks);
+    the engine's logits on it (a collective under ZeRO-3) are then compared on rank 0 with the
+    reloaded export's. `zero3_config`, the HfDeepSpeedConfig the engine was built under (None
+    below ZeRO-3), is unset before the reload, which it would build partitioned.
+    """
+    target = export_model(engine, processor, output_dir, frozen_fp32)
+    feature_extractor = processor.feature_extractor
+    probe = CTCCollator(
+        vocab=vocab,
+        do_normalize=feature_extractor.do_normalize,
+        return_attention_mask=feature_extractor.return_attention_mask,
+    )(probe_items)
+    reference_logits = engine_logits(engine, probe, input_dtype)
+    if zero3_config is not None:  # the engine's last forward is done
+        unset_hf_deepspeed_config()
+    if target is None:
+        return None
+    return target, exported_logits_difference(target, probe, reference_logits)

@@ -1,9 +1,11 @@
-"""Training statistics of one logging interval, summed without a host sync per micro-step."""
+"""Training statistics of one logging interval, summed without a host sync per micro-step, and
+the metrics record logged for it."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -91,3 +93,41 @@ class StepStatistics:
         tokens = totals["loss_target_tokens"]
         totals["loss"] = totals["loss_sum"] / tokens if tokens else math.nan
         return totals
+
+
+def interval_record(
+    totals: dict[str, float],
+    engine: Any,
+    *,
+    step: int,
+    epoch: int,
+    seconds: float,
+    micro_batches_per_step: int,
+    nonfinite_losses: int,
+) -> dict[str, Any]:
+    """The metrics record of a logging interval ending at `step`, from its all-reduced `totals`
+    (`StepStatistics.reduce_and_reset`) and the engine's optimizer state.
+
+    `seconds`: the interval's wall time, pauses for evaluation and checkpoints left out.
+    `micro_batches_per_step`: over all ranks (world size x accumulation), which makes step_time
+    the time per optimizer step. `nonfinite_losses` is the run's count so far, this interval's
+    included.
+    """
+    record = {
+        "step": step,
+        "epoch": epoch,
+        "loss": totals["loss"],
+        "learning_rate": engine.get_lr()[0],
+        "audio_seconds_per_second": totals["audio_seconds"] / seconds,
+        "padding_fraction": 1 - totals["audio_seconds"] / totals["padded_seconds"],
+        "step_time": seconds * micro_batches_per_step / totals["micro_batches"],
+        "nonfinite_losses": nonfinite_losses,
+        "skipped_steps": engine.skipped_steps,
+        "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+        "batch_checksum": int(totals["batch_checksum"]),
+    }
+    if engine.fp16_enabled():
+        record["loss_scale"] = engine.optimizer.loss_scale
+    if torch.cuda.is_available():  # the allocator's own count: no device sync
+        record["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return record
