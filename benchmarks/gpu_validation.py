@@ -211,10 +211,10 @@ def write_synthetic_dataset(directory: Path, num_samples: Sequence[int], seed: i
     ]
     for row, length in enumerate(lengths):
         text = transcripts[row]
-        writer.add(
-            {"id": f"{run_id}-{row:06d}", "text": text, "sentence": text},
-            synthetic_clip(length, rng),
-        )
+        clip = synthetic_clip(length, rng)
+        statistics = shard_format.audio_statistics(clip)
+        assert statistics is not None  # a sum of sines and noise is finite
+        writer.add({"id": f"{run_id}-{row:06d}", "text": text, "sentence": text}, clip, *statistics)
     seconds, wall_seconds = sum(lengths) / SAMPLING_RATE, time.perf_counter() - started
     # Run id, manifest, rows accepted, rejected and skipped (as already processed), seconds.
     run = shard_format.RunRecord(run_id, "synthetic", len(lengths), 0, 0, seconds, wall_seconds)
@@ -424,7 +424,7 @@ def run_system(
     config = Wav2Vec2Config(**PRESETS[preset], vocab_size=len(shards.vocab))
     # Presets are random init, and build_model trains a random-init feature encoder (neither
     # system passes --freeze_feature_encoder).
-    flops = training_flops_per_audio_second(config, shards.num_samples, preset in PRESETS)
+    flops = training_flops_per_audio_second(config, shards.audio_lengths, preset in PRESETS)
     speed = figures["audio_seconds_per_second"]
     mfu = flops * speed / args.peak_flops if args.peak_flops else None
     return {**figures, **memory, "mfu": mfu, "training_flops_per_audio_second": flops, **extra}

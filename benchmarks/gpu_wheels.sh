@@ -6,6 +6,7 @@
 # tqdm and tensorboard. Missing are the roots below and whatever they need beyond those:
 #   deepspeed        the trainer (wheel built here: PyPI has only its sdist)
 #   jiwer            train/evaluation.py
+#   xxhash           preprocess/shard_format.py (shard checksums)
 # (pytest is not among them: the machine's own pytest and plugins run tests/gpu.)
 # Every wheel is the version installed here, so the GPU machine runs what was tested here.
 # Install there with:
@@ -29,7 +30,7 @@ import sys
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-ROOTS = ["deepspeed", "jiwer"]
+ROOTS = ["deepspeed", "jiwer", "xxhash"]
 ON_GPU_MACHINE = {
     canonicalize_name(name)
     for name in ("torch", "transformers", "accelerate", "pyarrow", "numpy", "psutil", "tqdm",

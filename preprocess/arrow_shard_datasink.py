@@ -76,7 +76,7 @@ class ArrowShardDatasink(Datasink[dict[str, Any]]):
                         }
                     )
                     continue
-                writer.add(row, decoded.samples)
+                writer.add(row, decoded.samples, decoded.mean, decoded.std)
         shards = [asdict(shard) for shard in writer.close()]
         return {"shards": shards, "rejects": rejects, "input_seconds": input_seconds}
 

@@ -7,6 +7,7 @@ the GIL and run at C speed, so one process per core is the whole budget.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from enum import Enum
 
@@ -15,6 +16,7 @@ import soundfile
 import soxr
 
 from preprocess import storage
+from preprocess.shard_format import audio_statistics
 
 
 class RejectReason(str, Enum):
@@ -39,14 +41,18 @@ class DecodedAudio:
     # Of the decoded audio at the target rate, kept for a row rejected for its duration too:
     # the run summary counts it as input either way.
     seconds: float = 0.0
+    # audio_statistics of the resampled samples, which the shards and length index store.
+    mean: float = 0.0
+    std: float = 0.0
 
 
-def decode(data: bytes, sampling_rate: int) -> DecodedAudio:
-    """Decode any soundfile-readable bytes, downmix to mono, resample to `sampling_rate`."""
+def decode(source: str | io.BytesIO, sampling_rate: int) -> DecodedAudio:
+    """Decode a soundfile-readable file (a local path, or bytes wrapped in BytesIO), downmix to
+    mono, resample to `sampling_rate`."""
     try:
-        samples, source_rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        samples, source_rate = soundfile.read(source, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, ValueError, TypeError) as error:
-        # libsndfile names the BytesIO object in its message; keep only the cause.
+        # libsndfile names the path or BytesIO object in its message; keep only the cause.
         cause = str(error).splitlines()[0].rsplit(": ", 1)[-1]
         return DecodedAudio(None, RejectReason.UNREADABLE, cause[:200])
     samples = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
@@ -54,18 +60,30 @@ def decode(data: bytes, sampling_rate: int) -> DecodedAudio:
         return DecodedAudio(None, RejectReason.EMPTY, "no samples", source_rate)
     if source_rate != sampling_rate:
         samples = soxr.resample(samples, source_rate, sampling_rate, quality="HQ")
-    if not np.isfinite(samples).all():
-        return DecodedAudio(None, RejectReason.NON_FINITE, "NaN or Inf samples", source_rate)
     samples = np.ascontiguousarray(samples, dtype=np.float32)
-    return DecodedAudio(samples, None, "", source_rate, samples.size / sampling_rate)
+    statistics = audio_statistics(samples)
+    if statistics is None:
+        return DecodedAudio(None, RejectReason.NON_FINITE, "NaN or Inf samples", source_rate)
+    mean, std = statistics
+    return DecodedAudio(samples, None, "", source_rate, samples.size / sampling_rate, mean, std)
 
 
 def load(uri: str, sampling_rate: int) -> DecodedAudio:
-    """Read and decode one file; a missing file is a reject, not an exception."""
+    """Read and decode one file; a missing file is a reject, not an exception.
+
+    A local file is handed to libsndfile by path: through BytesIO it would read it in hundreds
+    of small Python callbacks per file, about 8 % of an MP3's decoding time.
+    """
     if not uri:
         return DecodedAudio(None, RejectReason.MISSING, "empty audio path")
+    source: str | io.BytesIO
     try:
-        data = storage.read_bytes(uri)
+        if storage.is_remote(uri):
+            data = storage.read_bytes(uri)
+            size, source = len(data), io.BytesIO(data)
+        else:
+            path = uri.removeprefix("file://")
+            size, source = os.stat(path).st_size, path
     except FileNotFoundError:
         return DecodedAudio(None, RejectReason.MISSING, "file not found")
     except OSError as error:
@@ -73,9 +91,9 @@ def load(uri: str, sampling_rate: int) -> DecodedAudio:
             RejectReason.MISSING if "not found" in str(error).lower() else RejectReason.UNREADABLE
         )
         return DecodedAudio(None, reason, str(error).splitlines()[0][:200])
-    if not data:
+    if not size:
         return DecodedAudio(None, RejectReason.EMPTY, "zero-byte file")
-    return decode(data, sampling_rate)
+    return decode(source, sampling_rate)
 
 
 def load_utterance(

@@ -1,29 +1,14 @@
-"""A node-local, verified copy of a dataset directory that lives in object storage.
+"""A node-local, verified copy of a dataset directory that lives in object storage, because
+training memory-maps shards, which needs local files, and a multi-node job has no shared disk.
 
-Training memory-maps shards, which needs files on a local disk, and a multi-node job has no
-shared filesystem to put them on. One process per node calls `cache_dataset`; the node's other
-ranks wait for it, so nothing is downloaded twice on a node.
+One process per node calls `cache_dataset`; the node's other ranks wait for it, so nothing is
+downloaded twice on a node.
 
     CACHE/<16 hex digits of sha256(uri)>/       the dataset directory, as prepare_dataset wrote it
     CACHE/<16 hex digits of sha256(uri)>.lock   held (flock) by whoever is updating that copy
 
-Guarantees:
-
-- Verified: a file appears under its final name only by a rename, after its size and sha256
-  matched dataset.json; it is streamed to a temporary sibling `NAME.part-<pid>-<random>` first,
-  so nothing half-written is ever visible under a final name. dataset.json is written last:
-  until every file it names is in place, the cache is not a dataset that ShardDataset opens.
-- Repaired: every call checks every cached shard's size and Arrow footer (and the length
-  index's footer, and that vocab and rejects exist) without reading audio, and fetches again
-  whatever is missing or damaged, so a deleted or truncated file costs one download, not every
-  later run on the node. With the remote dataset.json byte-identical to the cached one and
-  every file intact, nothing but dataset.json itself is read from the remote.
-- Locked: concurrent callers for one dataset (two jobs on a node, or nodes sharing a cache on
-  NFS, where Linux maps flock to POSIX locks) take turns for the whole call, so the second finds
-  the first's complete copy instead of downloading again. Under the lock, temporary files of
-  killed callers, and files the remote dataset no longer names, are removed.
-- One line on failure: any failed download (an S3 or network error, a missing object, a size
-  or sha256 mismatch) raises a DatasetCacheError whose one-line message names the file's URI.
+What the cache guarantees (verified files, self-repair, a lock per dataset, one-line errors):
+docs/node_cache.md.
 """
 
 from __future__ import annotations
@@ -43,9 +28,11 @@ import pyarrow.fs as pafs
 
 from preprocess import storage
 from preprocess.shard_format import (
+    CHECKSUM,
     DATASET_JSON,
     SHARD_DIR,
     check_format_version,
+    new_checksum,
     remove_unreferenced,
     shard_problem,
 )
@@ -58,7 +45,14 @@ _TEMPORARY = re.compile(r"\.(part|tmp)(-[^/]*)?$")
 
 
 class DatasetCacheError(ValueError):
-    """A file of the dataset could not be cached; one line naming its URI."""
+    """A file of the dataset could not be cached; its message is one line starting with the
+    file's URI, fit to print as a job's only error.
+
+    >>> try:
+    ...     cache_dataset("s3://bucket/prepared/train", "/local/nvme/cache")
+    ... except DatasetCacheError as error:
+    ...     sys.exit(f"error: {socket.gethostname()}: {error}")
+    """
 
 
 class CacheIntegrityError(DatasetCacheError):
@@ -71,10 +65,20 @@ class CacheDownloadError(DatasetCacheError):
 
 @dataclass
 class CacheResult:
-    """Where the local copy is and what this call had to fetch for it.
+    """What `cache_dataset` returns: where the local copy is and what this call had to fetch,
+    so a job can log how much a node downloaded and notice a disk that loses files.
 
-    `repaired` names the files in `downloaded` that the cache should already have held intact
-    (its dataset.json listed them) but that were missing or damaged: a sign of a sick disk.
+    >>> result = cache_dataset("s3://bucket/prepared/train", "/local/nvme/cache")
+    >>> print(f"downloaded {len(result.downloaded)} files, kept {result.kept}")
+
+    Args:
+        path: The local dataset directory, to open with ShardDataset.
+        downloaded: Files fetched by this call, relative to `path`.
+        downloaded_bytes: Their total size.
+        kept: Files already cached intact, not fetched.
+        repaired: The files in `downloaded` that the cache should already have held intact
+            (its dataset.json listed them) but that were missing or damaged: a sign of a
+            sick disk or a cleaner.
     """
 
     path: str
@@ -90,22 +94,43 @@ class _Listed:
 
     name: str
     expected_bytes: int | None = None
-    sha256: str | None = None
+    checksum: str | None = None  # xxh3-128 hex digest, as dataset.json records it
     arrow: bool = False  # has an Arrow footer worth checking
     rewritten: bool = False  # rewritten by every prepare_dataset run under the same name
 
 
 def cache_path(uri: str, cache_dir: str) -> str:
-    """The local directory that holds `uri`'s copy (one per dataset URI)."""
+    """The local directory that holds `uri`'s copy, one per dataset URI, so ranks that did not
+    call `cache_dataset` know where to open it.
+
+    >>> ShardDataset(cache_path("s3://bucket/prepared/train", "/local/nvme/cache"))
+
+    Args:
+        uri: The dataset's URI; a trailing slash makes no difference.
+        cache_dir: The node-local cache directory.
+    """
     key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
     return os.path.join(os.path.abspath(cache_dir), key)
 
 
 def cache_dataset(uri: str, cache_dir: str) -> CacheResult:
-    """Brings the node-local copy of the dataset at `uri` up to date; returns where it is.
+    """Brings the node-local copy of the dataset at `uri` up to date and returns where it is,
+    downloading only the files that are missing or damaged, each checked against dataset.json.
 
-    Waits while another process updates the same copy. Raises DatasetCacheError (one line
-    naming the file) when a file cannot be fetched.
+    Waits while another process (another job, or a node sharing the cache on NFS) updates the
+    same copy. Guarantees: docs/node_cache.md.
+
+    >>> result = cache_dataset("s3://bucket/prepared/train", "/local/nvme/cache")
+    >>> train_set = ShardDataset(result.path)
+
+    Args:
+        uri: The dataset directory prepare_dataset wrote, e.g. ``s3://bucket/prepared/train``.
+        cache_dir: A node-local directory; created if missing.
+
+    Raises:
+        DatasetCacheError: A file could not be fetched (`CacheDownloadError`) or does not
+            match dataset.json (`CacheIntegrityError`); one line naming the file's URI.
+        ValueError: The remote dataset.json is of another format version.
     """
     local = cache_path(uri, cache_dir)
     with _locked(f"{local}.lock"):
@@ -148,7 +173,7 @@ def _update(uri: str, local: str) -> CacheResult:
             result.kept += 1
             continue
         result.downloaded_bytes += _download(
-            storage.join(uri, listed.name), target, listed.expected_bytes, listed.sha256
+            storage.join(uri, listed.name), target, listed.expected_bytes, listed.checksum
         )
         result.downloaded.append(listed.name)
         if not refetch and listed.name in promised:
@@ -160,13 +185,13 @@ def _update(uri: str, local: str) -> CacheResult:
 
 
 def _listed_files(metadata: dict[str, Any]) -> list[_Listed]:
-    """Every file dataset.json names: shards with their size and sha256, then the small files.
+    """Every file dataset.json names: shards with their size and checksum, then the small files.
 
     No checksums are recorded for the small files. The length index is named per run, so one
     already here is the same file; vocab.json and the rejects are rewritten by every run.
     """
     shards = [
-        _Listed(s["name"], s.get("bytes"), s.get("sha256"), arrow=True) for s in metadata["shards"]
+        _Listed(s["name"], s.get("bytes"), s.get(CHECKSUM), arrow=True) for s in metadata["shards"]
     ]
     rewritten = sorted({metadata["vocab"], metadata["rejects"]})
     return [
@@ -199,16 +224,16 @@ def _intact(path: str, listed: _Listed) -> bool:
     return problem is None
 
 
-def _download(uri: str, target: str, expected_bytes: int | None, sha256: str | None) -> int:
+def _download(uri: str, target: str, expected_bytes: int | None, checksum: str | None) -> int:
     """Streams `uri` to a temporary sibling of `target` while hashing it, and renames it to
-    `target` only if its size and sha256 match; returns the size."""
+    `target` only if its size and checksum match; returns the size."""
     partial = f"{target}.part-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         size, digest = _stream_to_file(uri, partial)
         if expected_bytes is not None and size != expected_bytes:
             raise CacheIntegrityError(f"{uri}: expected {expected_bytes} bytes, downloaded {size}")
-        if sha256 is not None and digest != sha256:
-            raise CacheIntegrityError(f"{uri}: sha256 differs from dataset.json")
+        if checksum is not None and digest != checksum:
+            raise CacheIntegrityError(f"{uri}: {CHECKSUM} checksum differs from dataset.json")
         os.replace(partial, target)
     finally:
         # Gone already after a successful rename.
@@ -218,9 +243,9 @@ def _download(uri: str, target: str, expected_bytes: int | None, sha256: str | N
 
 
 def _stream_to_file(uri: str, path: str) -> tuple[int, str]:
-    """Copies `uri` to the local `path`, synced to disk; returns its size and sha256."""
+    """Copies `uri` to the local `path`, synced to disk; returns its size and checksum."""
     filesystem, remote_path = storage.resolve(uri)
-    digest = hashlib.sha256()
+    digest = new_checksum()
     size = 0
     try:
         with filesystem.open_input_stream(remote_path) as source, open(path, "wb") as sink:

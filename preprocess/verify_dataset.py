@@ -4,14 +4,14 @@
     python -m preprocess.verify_dataset s3://bucket/prepared/train
 
 Opening a dataset (ShardDataset) checks only each shard's size and Arrow footer, so a byte
-flipped inside the audio goes unnoticed there; this also streams every shard through sha256.
+flipped inside the audio goes unnoticed there; this also streams every shard through its
+checksum (xxh3-128, as dataset.json records it).
 Prints one line per problem; exits 0 when there are none, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import posixpath
 import sys
 
@@ -22,9 +22,9 @@ from preprocess import shard_format, storage
 CHUNK_BYTES = 8 * 1024 * 1024
 
 
-def file_sha256(filesystem: pafs.FileSystem, path: str) -> str:
-    """Hex sha256 of a file read in chunks, so memory stays flat whatever the shard size."""
-    digest = hashlib.sha256()
+def file_checksum(filesystem: pafs.FileSystem, path: str) -> str:
+    """Hex checksum of a file read in chunks, so memory stays flat whatever the shard size."""
+    digest = shard_format.new_checksum()
     with filesystem.open_input_stream(path) as stream:
         while chunk := stream.read(CHUNK_BYTES):
             digest.update(chunk)
@@ -48,10 +48,13 @@ def dataset_problems(dataset_dir: str) -> list[str]:
     for shard in metadata["shards"]:
         path = posixpath.join(root, shard["name"])
         problem = shard_format.shard_problem(filesystem, path, shard)
-        if problem is None and "sha256" in shard:
-            found = file_sha256(filesystem, path)
-            if found != shard["sha256"]:
-                problem = f"checksum mismatch: expected sha256 {shard['sha256']}, found {found}"
+        expected = shard.get(shard_format.CHECKSUM)
+        if problem is None and expected is not None:
+            found = file_checksum(filesystem, path)
+            if found != expected:
+                problem = (
+                    f"checksum mismatch: expected {shard_format.CHECKSUM} {expected}, found {found}"
+                )
         if problem is not None:
             problems.append(f"shard {storage.join(dataset_dir, shard['name'])}: {problem}")
     return problems
@@ -60,7 +63,7 @@ def dataset_problems(dataset_dir: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Verify a prepared dataset: every shard listed in dataset.json is there, "
-        "has its recorded size, an Arrow footer and its recorded sha256. Exit 0 when clean."
+        "has its recorded size, an Arrow footer and its recorded checksum. Exit 0 when clean."
     )
     parser.add_argument("dataset_dir", help="dataset directory (local path or s3:// URI)")
     dataset_dir = parser.parse_args(argv).dataset_dir

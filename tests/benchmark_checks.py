@@ -28,11 +28,11 @@ def assert_rows(
 
 
 def corpus_clips_and_seconds(
-    work_dir: Path, hours: float, unique_hours: float
+    work_dir: Path, hours: float, unique_hours: float, max_words: int | None = None
 ) -> tuple[int, float]:
     """Clips of the demo corpus a benchmark made in `work_dir` (reused, not made again) and
     their seconds from the file headers, which neither our decoding nor HF's touches."""
-    files = manifest_audio_files(make_corpus(work_dir, hours, unique_hours, seed=0))
+    files = manifest_audio_files(make_corpus(work_dir, hours, unique_hours, 0, max_words))
     return len(files), sum(soundfile.info(path).duration for path in files)
 
 

@@ -96,7 +96,7 @@ def test_a_corrupted_remote_shard_is_never_cached(s3_server, sharded_dataset, tm
     data[len(data) // 2] ^= 0xFF  # same size, so only the checksum can tell
     boto3.client("s3").put_object(Bucket="corrupted", Key=f"ds/{name}", Body=bytes(data))
 
-    with pytest.raises(CacheIntegrityError, match=f"{name}: sha256 differs"):
+    with pytest.raises(CacheIntegrityError, match=f"{name}: xxh3_128 checksum differs"):
         cache_dataset(uri, str(tmp_path))
     path = Path(cache_path(uri, str(tmp_path)))
     assert not (path / name).exists() and not (path / f"{name}.part").exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import signal
@@ -17,6 +16,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 import soundfile
+import xxhash
 from espeak_audio import REPO_ROOT, speak
 
 from argument_classes import ManifestArguments, PreprocessArguments
@@ -64,7 +64,8 @@ def test_common_voice_tsv_becomes_plain_arrow_shards(ray_local, german_corpus, t
     assert metadata["sampling_rate"] == 16000
     for shard in metadata["shards"]:
         data = (tmp_path / "out" / shard["name"]).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == shard["sha256"]
+        assert metadata["checksum"] == "xxh3_128"
+        assert xxhash.xxh3_128(data).hexdigest() == shard["xxh3_128"]
         schema = ipc.open_file(pa.BufferReader(data)).schema
         assert schema.field("audio").type == pa.large_list(pa.float32())
         assert all(not isinstance(f.type, pa.ExtensionType) for f in schema)
@@ -341,13 +342,16 @@ def test_reader_gives_zero_copy_views(ray_local, german_corpus, tmp_path):
     assert not first.flags.owndata and not first.flags.writeable
     # Two reads view the same mapped bytes; a copying reader would hand out separate buffers.
     assert np.shares_memory(first, again)
-    assert len(first) == dataset.num_samples[1]
+    assert len(first) == dataset.audio_lengths[1]
     # The normalization statistics were computed once, from the very samples stored.
     for index in range(len(dataset)):
         item = dataset[index]
-        assert item["audio_mean"] == pytest.approx(item["audio"].mean(dtype=np.float64), abs=1e-12)
-        # The centred squares are summed in float32 (see ShardWriter.add).
-        assert item["audio_std"] == pytest.approx(item["audio"].std(dtype=np.float64), rel=1e-6)
+        # float32 sums (audio_statistics): the mean to 1e-6 of the RMS, the std to 1e-6 relative.
+        wide = item["audio"].astype(np.float64)
+        assert item["audio_mean"] == pytest.approx(
+            wide.mean(), abs=1e-6 * np.sqrt(np.mean(wide**2))
+        )
+        assert item["audio_std"] == pytest.approx(wide.std(), rel=1e-6)
         assert item["audio_std"] > 0
 
 
@@ -376,10 +380,23 @@ def test_bad_manifest_is_one_line_error_before_work(
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_arguments_are_one_line_errors(tmp_path, capsys, german_corpus):
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--sampling_rate", "0", "--sampling_rate must be positive, got 0"),
+        ("--rows_per_task", "-1", "--rows_per_task must be positive, got -1"),
+        ("--min_duration_seconds", "40", "--min_duration_seconds must be >= 0 and below"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, german_corpus, option, value, message):
     manifest = str(german_corpus / "dev.tsv")
-    code = main(["--manifest", manifest, "--output_dir", str(tmp_path), "--sampling_rate", "0"])
-    assert code == 2 and "--sampling_rate" in capsys.readouterr().err
+    output = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--manifest", manifest, "--output_dir", str(output), option, value])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert error.splitlines() == [error] and error.startswith(f"error: {message}")
+    assert not output.exists()
 
 
 def test_s3_input_and_output(ray_local, s3_server, german_corpus, tmp_path):

@@ -123,14 +123,14 @@ def test_clean_dataset_verifies(dataset: Path, capsys):
     assert code == 0 and lines == [f"{dataset}: ok, every shard matches dataset.json"]
     with pytest.raises(SystemExit) as exit_info:
         verify_main(["--help"])
-    assert exit_info.value.code == 0 and "sha256" in capsys.readouterr().out
+    assert exit_info.value.code == 0 and "checksum" in capsys.readouterr().out
 
 
 def test_dataset_without_recorded_sizes_opens_and_footers_are_still_checked(dataset: Path):
     """Datasets written before sizes and checksums were recorded."""
     metadata = read_metadata(dataset)
     for shard in metadata["shards"]:
-        del shard["bytes"], shard["sha256"]
+        del shard["bytes"], shard["xxh3_128"]
     write_metadata(dataset, metadata)
     assert len(ShardDataset(str(dataset))) == metadata["counts"]["accepted"]
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
+import xxhash
 
 from preprocess import shard_format
 
@@ -26,14 +26,16 @@ def test_rows_survive_buffer_growth_batches_and_rollover(tmp_path: Path):
     for index, clip in enumerate(clips):
         # Extra manifest fields (audio_uri) are not shard columns and must be left out.
         row = {"id": f"u{index}", "text": "ab" * index, "sentence": "Ab", "speaker": None}
-        writer.add({**row, "audio_uri": f"/a/{index}.wav"}, clip)
+        writer.add(
+            {**row, "audio_uri": f"/a/{index}.wav"}, clip, *shard_format.audio_statistics(clip)
+        )
     shards = writer.close()
 
     assert len(shards) > 2  # rolled over at 200 kB
     ids, audio, batch_rows = [], [], []
     for shard in shards:
         data = (tmp_path / shard.name).read_bytes()
-        assert (shard.bytes, shard.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+        assert (shard.bytes, shard.xxh3_128) == (len(data), xxhash.xxh3_128(data).hexdigest())
         reader = ipc.open_file(pa.BufferReader(data))
         assert reader.schema == schema
         batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
@@ -53,5 +55,25 @@ def test_rows_survive_buffer_growth_batches_and_rollover(tmp_path: Path):
     stds = [s for shard in shards for s in shard.audio_stds]
     for clip, stored, mean, std in zip(clips, audio, means, stds, strict=True):
         np.testing.assert_array_equal(stored, clip)
-        assert mean == pytest.approx(clip.mean(dtype=np.float64), rel=1e-12)
+        # A float32 sum: the mean to 1e-6 of the signal's RMS, DC offset included.
+        rms = float(np.sqrt(np.mean(clip.astype(np.float64) ** 2)))
+        assert mean == pytest.approx(clip.mean(dtype=np.float64), abs=1e-6 * rms)
         assert std == pytest.approx(clip.std(dtype=np.float64), rel=1e-5)
+
+
+def test_audio_statistics_match_float64_and_refuse_non_finite_audio():
+    rng = np.random.default_rng(1)
+    speech = (0.05 * rng.standard_normal(80_000)).astype(np.float32)
+    offset = (0.5 + 1e-3 * rng.standard_normal(3_000)).astype(np.float32)
+    # Finite, but their squares overflow float32: the exact float64 path.
+    loud = np.full(1_000, 3e19, np.float32)
+    loud[::2] = -3e19
+    for clip in (speech, offset, loud):
+        mean, std = shard_format.audio_statistics(clip)
+        wide = clip.astype(np.float64)
+        assert mean == pytest.approx(wide.mean(), abs=1e-6 * np.sqrt(np.mean(wide**2)))
+        assert std == pytest.approx(wide.std(), rel=1e-6)
+    for bad in (np.nan, np.inf, -np.inf):
+        clip = speech.copy()
+        clip[1234] = bad
+        assert shard_format.audio_statistics(clip) is None
