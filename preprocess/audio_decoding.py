@@ -71,8 +71,9 @@ def decode(source: str | io.BytesIO, sampling_rate: int) -> DecodedAudio:
 def load(uri: str, sampling_rate: int) -> DecodedAudio:
     """Read and decode one file; a missing file is a reject, not an exception.
 
-    A local file is handed to libsndfile by path: through BytesIO it would read it in hundreds
-    of small Python callbacks per file, about 8 % of an MP3's decoding time.
+    A local file is handed to libsndfile by path: through BytesIO it would be read in hundreds
+    of small Python callbacks per file, 2 % of an MP3's decoding time (1.85 vs 1.82 CPU-s per
+    audio hour on the benchmark's clips).
     """
     if not uri:
         return DecodedAudio(None, RejectReason.MISSING, "empty audio path")
