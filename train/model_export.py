@@ -92,10 +92,23 @@ def module_digests(engine: Any, cpu_group: Any) -> list[str]:
 def export_model(
     engine: Any, processor: Wav2Vec2Processor, output_dir: str, frozen_fp32: dict[str, torch.Tensor]
 ) -> str | None:
-    """Save OUTPUT/model: config, fp32 safetensors weights, feature extractor, tokenizer.
+    """Save OUTPUT/model, a Hugging Face model directory that `transformers.pipeline` loads.
 
-    A collective: every rank must call this. Rank 0 writes into a temporary directory and
+    Config, fp32 safetensors weights (DeepSpeed's master copies, assembled from the ZeRO
+    partitions), feature extractor and tokenizer. Rank 0 writes into a temporary directory and
     renames it into place, so a half-written export is never mistaken for a finished one.
+
+    >>> target = export_model(engine, processor, "runs/de", frozen_fp32_parameters(model))
+    >>> pipeline("automatic-speech-recognition", model=target)  # on rank 0: "runs/de/model"
+
+    Args:
+        engine: the DeepSpeed engine after its last step. A collective: every rank calls this.
+        processor: the feature extractor and tokenizer to save beside the weights.
+        output_dir: the run's output directory; the model goes to its `model/`.
+        frozen_fp32: weights DeepSpeed keeps no fp32 master of, as loaded (frozen_fp32_parameters).
+
+    Returns:
+        The model directory on rank 0, None on the other ranks.
     """
     state_dict = fp32_state_dict(engine, frozen_fp32)
     if dist.get_rank() != 0:
@@ -160,14 +173,24 @@ def export_and_verify(
     input_dtype: torch.dtype,
     zero3_config: Any | None,
 ) -> tuple[str, float] | None:
-    """Exports OUTPUT/model and checks that it computes what the engine computes; on rank 0 the
-    model directory and the largest logit difference on `probe_items`, None on other ranks.
+    """export_model, then proof that the export computes what the engine computes.
 
-    A collective: every rank calls it after the engine's last step. The probe is collated as
-    the export's own feature extractor prepares audio (normalized, masked if it makes masks);
-    the engine's logits on it (a collective under ZeRO-3) are then compared on rank 0 with the
-    reloaded export's. `zero3_config`, the HfDeepSpeedConfig the engine was built under (None
-    below ZeRO-3), is unset before the reload, which it would build partitioned.
+    The probe is collated as the export's own feature extractor prepares audio (normalized,
+    masked if it makes masks); the engine's logits on it (a collective under ZeRO-3) are
+    compared on rank 0 with the reloaded export's.
+
+    >>> target, difference = export_and_verify(engine, processor, output_dir="runs/de", ...)
+
+    Args:
+        engine, processor, output_dir, frozen_fp32: as for export_model (a collective).
+        probe_items: dataset items (ShardDataset) to compare the logits on.
+        vocab: the tokenizer's vocabulary, for collating the probe.
+        input_dtype: the engine's input dtype (bf16, fp16 or fp32).
+        zero3_config: the HfDeepSpeedConfig the engine was built under, None below ZeRO-3; it
+            is unset before the reload, which it would otherwise build partitioned.
+
+    Returns:
+        On rank 0 the model directory and the largest absolute logit difference; None elsewhere.
     """
     target = export_model(engine, processor, output_dir, frozen_fp32)
     feature_extractor = processor.feature_extractor
