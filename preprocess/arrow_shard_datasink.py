@@ -78,7 +78,12 @@ class ArrowShardDatasink(Datasink[dict[str, Any]]):
                     continue
                 writer.add(row, decoded.samples, decoded.mean, decoded.std)
         shards = [asdict(shard) for shard in writer.close()]
-        return {"shards": shards, "rejects": rejects, "input_seconds": input_seconds}
+        return {
+            "task_index": ctx.task_idx,  # the slice's position in the manifest
+            "shards": shards,
+            "rejects": rejects,
+            "input_seconds": input_seconds,
+        }
 
     def on_write_complete(self, write_result: Any) -> None:
         # Runs on the driver; committing is the caller's job once it has every task's result.

@@ -139,7 +139,9 @@ def _run_ray_pipeline(
     ray.data.from_blocks(slices).write_datasink(
         datasink, ray_remote_args={"max_retries": TASK_MAX_RETRIES}
     )
-    return datasink.results
+    # Results arrive as tasks finish; in task order, the dataset's rows (and so every batch plan
+    # drawn from its length index) follow the manifest whatever the timing of a run.
+    return sorted(datasink.results, key=lambda result: result["task_index"])
 
 
 def prepare(

@@ -31,9 +31,10 @@ def run_prepare(manifest: Path | str, output_dir: Path | str, **options) -> dict
         for k in ("audio_column", "text_column", "audio_root", "id_column")
         if k in options
     }
+    options.setdefault("rows_per_task", 16)
     return prepare(
         ManifestArguments(manifest=str(manifest), **manifest_options),
-        PreprocessArguments(output_dir=str(output_dir), rows_per_task=16, **options),
+        PreprocessArguments(output_dir=str(output_dir), **options),
     )
 
 
@@ -249,6 +250,26 @@ def test_every_bad_row_is_a_reject_with_a_reason(ray_local, german_corpus, tmp_p
     assert {name: reasons[name] for name in expected} == expected
     assert reasons[rows[0]["path"]] == "duplicate_id"
     assert all(r["path"] for r in rejects)
+
+
+def test_rows_keep_manifest_order_whatever_order_tasks_finish(ray_local, german_corpus, tmp_path):
+    # A task per row, 40-odd tasks on 2 workers: they finish in an order of their own, run by
+    # run. The dataset (and every batch plan drawn from its length index) must still follow the
+    # manifest, not the order in which tasks happened to finish.
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    rows = []
+    for copy in range(4):
+        for row in read_tsv(german_corpus / "train.tsv"):
+            name = f"{copy}-{row['path']}"
+            (clips / name).symlink_to(german_corpus / "clips" / row["path"])
+            rows.append({**row, "path": name})
+    write_tsv(tmp_path / "train.tsv", rows)
+
+    summary = run_prepare(tmp_path / "train.tsv", tmp_path / "out", rows_per_task=1)
+    assert summary["accepted"] == len(rows) > 30
+    index = ShardDataset(str(tmp_path / "out")).length_index
+    assert index["id"].to_pylist() == [row["path"] for row in rows]
 
 
 def test_rerun_processes_only_new_rows(ray_local, german_corpus, tmp_path):
