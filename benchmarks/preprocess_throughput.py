@@ -210,16 +210,15 @@ def measure_size(
 
 
 def steady_state(small: dict[str, Any], large: dict[str, Any]) -> dict[str, float] | None:
-    """Wall seconds as fixed + audio / rate through two corpus sizes: the marginal rate (extra
-    audio over extra seconds after Ray's start) and the fixed cost, Ray's start included,
-    averaged over both runs. None when the larger corpus was not slower (noise on tiny ones)."""
-    (audio_small, audio_large), (seconds_small, seconds_large) = (
-        [size["ours"][key] for size in (small, large)] for key in ("audio_seconds", "seconds")
-    )
-    if seconds_large <= seconds_small:
+    """Wall seconds as fixed + audio / rate through one system's runs on two corpus sizes: the
+    marginal rate (extra audio over extra seconds after Ray's start, for a system that starts
+    Ray) and the fixed cost, Ray's start included, averaged over both runs. None when the larger
+    corpus was not slower (noise on tiny ones)."""
+    if large["seconds"] <= small["seconds"]:
         return None
-    rate = (audio_large - audio_small) / (seconds_large - seconds_small)
-    ray_start = (small["ours"]["ray_start_seconds"] + large["ours"]["ray_start_seconds"]) / 2
+    rate = (large["audio_seconds"] - small["audio_seconds"]) / (large["seconds"] - small["seconds"])
+    ray_start = (small.get("ray_start_seconds", 0.0) + large.get("ray_start_seconds", 0.0)) / 2
+    audio_small, seconds_small = small["audio_seconds"], small["seconds"]
     pipeline_fixed = seconds_small - audio_small / rate
     return {
         "x_real_time": rate,
@@ -269,7 +268,7 @@ def build_rows(sizes: list[dict[str, Any]], num_cpus: int) -> list[dict[str, Any
         small, large = min(kind, key=lambda s: s["hours"]), max(kind, key=lambda s: s["hours"])
         clips = "short clips" if short else "Common Voice-like clips"
         clips += f" ({large['mean_clip_seconds']:.1f} s mean)"
-        fit = steady_state(small, large)
+        fit = steady_state(small["ours"], large["ours"])
         if fit is None:
             continue
         large["steady_state"] = fit
@@ -278,9 +277,7 @@ def build_rows(sizes: list[dict[str, Any]], num_cpus: int) -> list[dict[str, Any
         metric = f"preprocessing speed in steady state, {clips}, {span}"
         rows.append(speed(metric, fit["x_real_time"], limit, limit_name))
         if not short and small.get("hf") and large.get("hf"):
-            hf_fit = steady_state(
-                *({"ours": {**s["hf"], "ray_start_seconds": 0.0}} for s in (small, large))
-            )
+            hf_fit = steady_state(small["hf"], large["hf"])
             if hf_fit is not None:
                 large["hf_steady_state"] = hf_fit
                 metric = f"fixed cost of a run (Ray start included), {clips}, {span}"

@@ -91,7 +91,7 @@ class ShardInfo:
     name: str
     rows: int
     bytes: int
-    xxh3_128: str
+    checksum: str  # hex digest of the CHECKSUM algorithm
     ids: list[str] = field(default_factory=list)
     num_samples: list[int] = field(default_factory=list)
     text_lengths: list[int] = field(default_factory=list)
@@ -240,7 +240,7 @@ class ShardWriter:
         self._sink = _HashingSink(stream)
         # Uncompressed on purpose: compressed buffers cannot be memory-mapped as views.
         self._writer = ipc.new_file(self._sink, self._schema)
-        self._current = ShardInfo(name=name, rows=0, bytes=0, xxh3_128="")
+        self._current = ShardInfo(name=name, rows=0, bytes=0, checksum="")
 
     def _close(self) -> None:
         if self._writer is None:
@@ -249,7 +249,7 @@ class ShardWriter:
         self._writer.close()
         self._sink.close()
         self._current.bytes = self._sink.position
-        self._current.xxh3_128 = self._sink.digest.hexdigest()
+        self._current.checksum = self._sink.digest.hexdigest()
         self.finished.append(self._current)
         self._writer = self._sink = self._current = None
 
@@ -348,7 +348,7 @@ def commit_run(
 
     sampling_rate = options["sampling_rate"]
     shards = (previous["shards"] if previous else []) + [
-        {"name": f"{SHARD_DIR}/{s.name}", "rows": s.rows, "bytes": s.bytes, CHECKSUM: s.xxh3_128}
+        {"name": f"{SHARD_DIR}/{s.name}", "rows": s.rows, "bytes": s.bytes, CHECKSUM: s.checksum}
         for s in staged_shards
     ]
     by_reason = dict(Counter(reject["reason"] for reject in all_rejects))

@@ -35,7 +35,7 @@ def test_rows_survive_buffer_growth_batches_and_rollover(tmp_path: Path):
     ids, audio, batch_rows = [], [], []
     for shard in shards:
         data = (tmp_path / shard.name).read_bytes()
-        assert (shard.bytes, shard.xxh3_128) == (len(data), xxhash.xxh3_128(data).hexdigest())
+        assert (shard.bytes, shard.checksum) == (len(data), xxhash.xxh3_128(data).hexdigest())
         reader = ipc.open_file(pa.BufferReader(data))
         assert reader.schema == schema
         batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
