@@ -49,7 +49,8 @@ def test_rows_survive_buffer_growth_batches_and_rollover(tmp_path: Path):
         assert table.column("speaker").null_count == table.num_rows
         ids += shard.ids
         audio += [np.asarray(a, np.float32) for a in table.column("audio").to_pylist()]
-    assert max(batch_rows) <= 8 and sum(batch_rows) == len(clips)
+    # Full batches whatever the clip lengths; only the writer's last one may be short.
+    assert batch_rows[:-1] == [8] * (len(batch_rows) - 1) and sum(batch_rows) == len(clips)
     assert ids == [f"u{index}" for index in range(len(clips))]
     means = [m for shard in shards for m in shard.audio_means]
     stds = [s for shard in shards for s in shard.audio_stds]
@@ -77,3 +78,23 @@ def test_audio_statistics_match_float64_and_refuse_non_finite_audio():
         clip = speech.copy()
         clip[1234] = bad
         assert shard_format.audio_statistics(clip) is None
+
+
+def test_batches_stop_short_of_max_batch_bytes(tmp_path: Path):
+    """Long clips end a batch early, so the writer's buffer stays bounded; a clip longer than
+    the bound is a batch of its own."""
+    lengths = [10_000, 10_000, 10_000, 40_000, 5_000, 5_000, 5_000, 5_000, 5_000]
+    clips = [np.full(n, 0.1 * i, np.float32) for i, n in enumerate(lengths)]
+    writer = shard_format.ShardWriter(
+        str(tmp_path), "shard-b", shard_format.shard_schema([]), 10**9, 8, max_batch_bytes=100_000
+    )
+    for index, clip in enumerate(clips):
+        row = {"id": f"u{index}", "text": "a", "sentence": "A"}
+        writer.add(row, clip, *shard_format.audio_statistics(clip))
+    (shard,) = writer.close()
+    reader = ipc.open_file(pa.memory_map(str(tmp_path / shard.name)))
+    batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+    assert [batch.num_rows for batch in batches] == [2, 1, 1, 5]
+    audio = [np.asarray(a, np.float32) for b in batches for a in b.column("audio").to_pylist()]
+    for clip, stored in zip(clips, audio, strict=True):
+        np.testing.assert_array_equal(stored, clip)
