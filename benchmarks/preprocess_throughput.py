@@ -5,7 +5,9 @@ system in a fresh process whose whole tree is sampled (process_tree.py). Ours:
 preprocess.prepare_dataset.prepare after a ray.init() timed apart ('incl. Ray start' adds it,
 as HF starts no cluster). The limit: N processes decoding their shares with our
 preprocess.audio_decoding.load in a tight loop, no writing, no scheduling; measured before and
-after the systems, the faster counts. HF datasets 3.6: the data path of transformers'
+after the systems, the faster counts. The write limit: the same loops, each also writing its
+share into shards with our ShardWriter, so what no pipeline that writes the output can pass
+(the steady state is reported against both). HF datasets 3.6: the data path of transformers'
 run_speech_recognition_ctc.py (hf_trainer_baseline.py) with num_proc=N; its first run (numba
 and datasets caches cold) is reported apart from the best of its warm repeats.
 × real time: seconds of 16 kHz audio out per wall second, imports excluded. Two corpus kinds:
@@ -34,6 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from argument_classes import PreprocessArguments
 from benchmarks import harness
 from benchmarks.benchmark_results import figure_rows, finish, result_row
 from benchmarks.harness import SAMPLING_RATE
@@ -42,6 +45,9 @@ from benchmarks.process_tree import least_disturbed, machine_cores
 NAME = "preprocess_throughput"
 HF_NAME = "HF datasets 3.6 map(num_proc)"
 HF_FIRST_NAME = f"{HF_NAME}, its first run"
+# The write limit's shards are made as prepare_dataset makes them by default.
+MAX_SHARD_BYTES = PreprocessArguments.max_shard_bytes
+ROWS_PER_BATCH = PreprocessArguments.decode_batch_size
 
 
 def own_options(parser: argparse.ArgumentParser) -> None:
@@ -113,25 +119,40 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def decode_share(files: list[str], barrier: Any, results: Any) -> None:
-    """One process of the limit: waits for the others, then decodes its files in a tight loop."""
+def decode_share(files: list[str], barrier: Any, results: Any, output: str | None) -> None:
+    """One process of the limit: waits for the others, then decodes its files in a tight loop,
+    writing them with our ShardWriter into shards under `output` where one is given."""
+    from preprocess import shard_format
     from preprocess.audio_decoding import load
 
+    writer = None
+    if output is not None:
+        schema, name = shard_format.shard_schema([]), f"limit-{os.getpid()}"
+        writer = shard_format.ShardWriter(output, name, schema, MAX_SHARD_BYTES, ROWS_PER_BATCH)
     barrier.wait()
     started, cpu_started, samples = time.monotonic(), time.process_time(), 0
     for path in files:
         decoded = load(path, SAMPLING_RATE)
-        samples += 0 if decoded.samples is None else decoded.samples.size
+        if decoded.samples is None:
+            continue
+        samples += decoded.samples.size
+        if writer is not None:
+            row = {"id": path, "text": "", "sentence": ""}
+            writer.add(row, decoded.samples, decoded.mean, decoded.std)
+    if writer is not None:
+        writer.close()
     results.put((samples, started, time.monotonic(), time.process_time() - cpu_started))
 
 
-def measure_limit(files: list[str], processes: int) -> dict[str, Any]:
+def measure_limit(files: list[str], processes: int, output: Path | None = None) -> dict[str, Any]:
     """`processes` decode loops over interleaved shares of `files`, from the common start to
-    the last one's end (the monotonic clock is the same in every process)."""
+    the last one's end (the monotonic clock is the same in every process); with `output`, each
+    also writes its shards there, which are then removed."""
     context = multiprocessing.get_context("spawn")  # nothing inherited from this process
     barrier, results = context.Barrier(processes), context.Queue()
+    target = None if output is None else str(output)
     workers = [
-        context.Process(target=decode_share, args=(files[i::processes], barrier, results))
+        context.Process(target=decode_share, args=(files[i::processes], barrier, results, target))
         for i in range(processes)
     ]
     for worker in workers:
@@ -139,10 +160,13 @@ def measure_limit(files: list[str], processes: int) -> dict[str, Any]:
     shares = [results.get(timeout=harness.RUN_TIMEOUT_SECONDS) for _ in workers]
     for worker in workers:
         worker.join()
+    if output is not None:
+        shutil.rmtree(output, ignore_errors=True)
     audio_seconds = sum(share[0] for share in shares) / SAMPLING_RATE
     seconds = max(share[2] for share in shares) - min(share[1] for share in shares)
     return {
         "processes": processes,
+        "writes_shards": output is not None,
         "audio_seconds": audio_seconds,
         "seconds": seconds,
         "x_real_time": audio_seconds / seconds,
@@ -182,9 +206,11 @@ def measure_size(
     measured["unique_files"] = len({os.stat(path).st_ino for path in files})
     with_hf = max_words is None and not args.skip_hf
     runs = partial(least_disturbed, runs=args.repeats, wait_for_idle=args.wait_for_idle)
+    shards = work / f"output-limit-{manifest.parent.name}"
     hf = partial(run_system, "hf", args, manifest, work)
     measures = {
         "limit_before": partial(runs, partial(measure_limit, files, args.num_cpus)),
+        "write_limit": partial(runs, partial(measure_limit, files, args.num_cpus, shards)),
         "ours": partial(runs, partial(run_system, "ours", args, manifest, work)),
         "hf_first": partial(least_disturbed, hf, 1, args.wait_for_idle),
         "hf": partial(runs, hf),
@@ -233,6 +259,7 @@ def build_rows(sizes: list[dict[str, Any]], num_cpus: int) -> list[dict[str, Any
     what a user waits for (warm HF headline, its first run beside) and needs; and how ours'
     peak memory grows from the smallest corpus to the largest."""
     limit_name = f"decode+resample limit ({num_cpus} processes)"
+    write_name = f"decode+resample+write limit ({num_cpus} processes)"
     speed = partial(result_row, unit="× real time", higher_is_better=True)
     rows = []
     for size in sizes:
@@ -276,6 +303,9 @@ def build_rows(sizes: list[dict[str, Any]], num_cpus: int) -> list[dict[str, Any
         limit = large["limit"]["x_real_time"]
         metric = f"preprocessing speed in steady state, {clips}, {span}"
         rows.append(speed(metric, fit["x_real_time"], limit, limit_name))
+        # What any pipeline that writes our shards could reach: the rest is the pipeline's.
+        write_limit = large["write_limit"]["x_real_time"]
+        rows.append(speed(metric, fit["x_real_time"], write_limit, write_name, headline=False))
         if not short and small.get("hf") and large.get("hf"):
             hf_fit = steady_state(small["hf"], large["hf"])
             if hf_fit is not None:

@@ -76,6 +76,7 @@ def test_preprocess_throughput(tmp_path, work_dir) -> None:
         (0.01, None), (0.02, None), (0.01, 3), (0.02, 3)
     ]  # fmt: skip
     limit_name = "decode+resample limit (2 processes)"
+    write_name = "decode+resample+write limit (2 processes)"
     hf_name = "HF datasets 3.6 map(num_proc)"
     expected = {}
     for size in sizes:
@@ -83,7 +84,8 @@ def test_preprocess_throughput(tmp_path, work_dir) -> None:
         clips, seconds = corpus_clips_and_seconds(work_dir, size["hours"], 0.01, size["max_words"])
         assert size["rows"] == clips
         assert size["ours"]["accepted"] == clips and size["ours"]["rejected"] == 0
-        systems = ("ours", "limit_before", "limit_after") + (() if short else ("hf", "hf_first"))
+        systems = ("ours", "limit_before", "limit_after", "write_limit")
+        systems += () if short else ("hf", "hf_first")
         # HF runs on Common Voice-like corpora only: its first run and its warm repeats.
         assert short == ("hf" not in size) == ("hf_first" not in size)
         # Every system decoded all of the corpus, as long as its file headers say it is.
@@ -92,11 +94,15 @@ def test_preprocess_throughput(tmp_path, work_dir) -> None:
         assert size["mean_clip_seconds"] == pytest.approx(
             size["limit_after"]["audio_seconds"] / clips
         )
-        # The limit ran as 2 processes, one share each, both within its wall time.
-        for limit in (size["limit_before"], size["limit_after"]):
+        # The limits ran as 2 processes, one share each, both within its wall time; only the
+        # write limit wrote shards, and left none behind.
+        for name in ("limit_before", "limit_after", "write_limit"):
+            limit = size[name]
             assert limit["processes"] == 2 and len(limit["share_seconds"]) == 2
             assert 0 < max(limit["share_seconds"]) <= limit["seconds"]
-        for system in systems[:1] + systems[3:]:
+            assert limit["writes_shards"] == (name == "write_limit")
+        assert not list(work_dir.glob("output-limit-*"))
+        for system in systems[:1] + systems[4:]:
             memory = size[system]["memory"]
             # A whole Python process tree takes more than 50 MB and this one far less than 8 GB.
             assert 0.05 < memory["peak_pss_gib"] <= memory["peak_rss_gib"] < 8
@@ -159,6 +165,8 @@ def test_preprocess_throughput(tmp_path, work_dir) -> None:
         span = f"({pair[1]['mean_clip_seconds']:.1f} s mean), 0.01 h to 0.02 h, 2 cores"
         steady = f"preprocessing speed in steady state, {clips} clips {span}"
         expected[(steady, limit_name)] = (rate, pair[1]["limit"]["x_real_time"])
+        writing = pair[1]["write_limit"]
+        expected[(steady, write_name)] = (rate, writing["audio_seconds"] / writing["seconds"])
         hf_seconds = [size["hf"]["seconds"] for size in pair] if clips != "short" else None
         if hf_seconds and hf_seconds[1] > hf_seconds[0]:
             hf_audio = [size["hf"]["audio_seconds"] for size in pair]
