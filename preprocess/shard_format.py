@@ -182,9 +182,9 @@ class ShardWriter:
         self._schema = schema
         self._max_bytes = max_shard_bytes
         self._rows_per_batch = rows_per_batch
-        self._max_batch_samples = max_batch_bytes // 4
         self._text_columns = [n for n in schema.names if schema.field(n).type == pa.string()]
         self._samples = np.empty(0, np.float32)
+        self._max_batch_samples = max_batch_bytes // self._samples.itemsize
         self._used = 0
         self._pending: list[dict[str, Any]] = []
         self._sink: _HashingSink | None = None
