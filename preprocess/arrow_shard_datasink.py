@@ -13,6 +13,7 @@ committed twice; they stay in _staging/, which the commit deletes.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import asdict
 from typing import Any
@@ -49,6 +50,7 @@ class ArrowShardDatasink(Datasink[dict[str, Any]]):
         self.results: list[dict[str, Any]] = []
 
     def write(self, blocks: Any, ctx: TaskContext) -> dict[str, Any]:
+        started, cpu_started = time.perf_counter(), time.process_time()
         writer = ShardWriter(
             self.staging_uri,
             f"shard-{self.run_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:6]}",  # one per attempt
@@ -83,6 +85,10 @@ class ArrowShardDatasink(Datasink[dict[str, Any]]):
             "shards": shards,
             "rejects": rejects,
             "input_seconds": input_seconds,
+            # The task's own wall and CPU time: the run summary sets them against the
+            # pipeline's, which tells scheduling gaps apart from slow decoding.
+            "seconds": time.perf_counter() - started,
+            "cpu_seconds": time.process_time() - cpu_started,
         }
 
     def on_write_complete(self, write_result: Any) -> None:

@@ -109,7 +109,9 @@ def _run_ray_pipeline(
     preprocess_args: PreprocessArguments,
     passthrough: list[str],
     run_id: str,
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], int]:
+    """Every task's result, in manifest order, and the cluster's CPU count the tasks were
+    sized for."""
     import ray
 
     from preprocess.arrow_shard_datasink import ArrowShardDatasink
@@ -141,7 +143,7 @@ def _run_ray_pipeline(
     )
     # Results arrive as tasks finish; in task order, the dataset's rows (and so every batch plan
     # drawn from its length index) follow the manifest whatever the timing of a run.
-    return sorted(datasink.results, key=lambda result: result["task_index"])
+    return sorted(datasink.results, key=lambda result: result["task_index"]), cpus
 
 
 def prepare(
@@ -165,7 +167,8 @@ def prepare(
             Ray settings.
 
     Returns:
-        The run summary: row counts (rejects by reason), hours in and out, pipeline seconds.
+        The run summary: row counts (rejects by reason), hours in and out, pipeline seconds,
+        and the tasks' own wall and CPU seconds against the CPUs they were sized for.
 
     Raises:
         ManifestError: the manifest cannot be read or lacks a needed column.
@@ -209,11 +212,11 @@ def prepare(
 
     run_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
     results: list[dict[str, Any]] = []
-    pipeline_seconds = 0.0
+    pipeline_seconds, cpus = 0.0, 0
     if to_decode.num_rows:
         _start_ray(preprocess_args)
         pipeline_started = time.perf_counter()
-        results = _run_ray_pipeline(to_decode, preprocess_args, passthrough, run_id)
+        results, cpus = _run_ray_pipeline(to_decode, preprocess_args, passthrough, run_id)
         pipeline_seconds = time.perf_counter() - pipeline_started
 
     shards = [shard_format.ShardInfo(**s) for r in results for s in r["shards"]]
@@ -251,6 +254,10 @@ def prepare(
         hours_out=output_seconds / 3600,
         pipeline_seconds=pipeline_seconds,
         real_time_factor=output_seconds / pipeline_seconds if pipeline_seconds else 0.0,
+        tasks=len(results),
+        cpus=cpus,
+        task_seconds=sum(r["seconds"] for r in results),
+        task_cpu_seconds=sum(r["cpu_seconds"] for r in results),
         dataset=metadata["counts"],
         dataset_hours=metadata["total_hours"],
         shards=len(metadata["shards"]),
@@ -262,6 +269,14 @@ def _format_summary(summary: dict[str, Any]) -> str:
     if "message" in summary:
         return summary["message"]
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["rejected_by_reason"].items()))
+    tasks = ""
+    if summary["tasks"]:
+        # Below 100 %: CPUs waited on task scheduling, on stragglers or on other jobs.
+        busy = summary["task_seconds"] / (summary["cpus"] * summary["pipeline_seconds"])
+        tasks = (
+            f"\ntasks: {summary['tasks']} decode+write tasks kept the cluster's "
+            f"{summary['cpus']} CPUs {busy:.0%} busy"
+        )
     return (
         f"rows: {summary['manifest_rows']} in manifest, {summary['already_processed']} already "
         f"processed, {summary['accepted']} accepted, {summary['rejected']} rejected"
@@ -269,7 +284,7 @@ def _format_summary(summary: dict[str, Any]) -> str:
         f"audio: {summary['hours_in']:.3f} h in, {summary['hours_out']:.3f} h out in "
         f"{summary['pipeline_seconds']:.1f} s = {summary['real_time_factor']:.0f}x real time\n"
         f"dataset: {summary['dataset']['accepted']} rows, {summary['dataset_hours']:.3f} h in "
-        f"{summary['shards']} shards"
+        f"{summary['shards']} shards{tasks}"
     )
 
 

@@ -15,6 +15,7 @@ from benchmarks import (
     preprocess_throughput,
     update_readme_table,
 )
+from preprocess.prepare_dataset import task_rows
 from preprocess.shard_format import ShardDataset
 from train.duration_bucket_sampler import DurationBucketSampler
 
@@ -62,6 +63,10 @@ def test_help(module, capsys) -> None:
         module.main(["--help"])
     assert exit_info.value.code == 0
     assert "usage: python -m benchmarks." in capsys.readouterr().out
+
+
+def speed_of(run: dict) -> float:
+    return run["audio_seconds"] / run["seconds"]
 
 
 def test_preprocess_throughput(tmp_path, work_dir) -> None:
@@ -129,6 +134,20 @@ def test_preprocess_throughput(tmp_path, work_dir) -> None:
         from_cold = ours["audio_seconds"] / (ours["seconds"] + ours["ray_start_seconds"])
         where = f"{size['hours']:g} h corpus{', short clips' if short else ''}, 2 cores"
         expected[(f"preprocessing speed, {where}", limit_name)] = (speed, limit)
+        # The pipeline apart, against the faster write limit: its tasks' CPU per audio hour,
+        # and their share of the CPUs' time after Ray's start (each limit process is busy
+        # from the common start to its own end).
+        writer = max((size["write_limit_before"], size["write_limit_after"]), key=speed_of)
+        assert ours["tasks"] == math.ceil(clips / task_rows(clips, 2, 1024)) and ours["cpus"] == 2
+        assert 0 < ours["task_seconds"] <= 2 * ours["pipeline_seconds"]
+        expected[(f"CPU time per audio hour in the decode+write tasks, {where}", write_name)] = (
+            ours["task_cpu_seconds"] / ours["audio_seconds"] * 3600,
+            writer["cpu_seconds"] / writer["audio_seconds"] * 3600,
+        )
+        expected[(f"CPUs' time in decode+write tasks, after Ray's start, {where}", write_name)] = (
+            100 * ours["task_seconds"] / (2 * ours["pipeline_seconds"]),
+            100 * sum(writer["share_seconds"]) / (2 * writer["seconds"]),
+        )
         if not short:
             hf, first = size["hf"], size["hf_first"]
             assert hf["memory"]["cpu_seconds_by_kind"]["forks of the driver"] > 0

@@ -268,6 +268,10 @@ def test_rows_keep_manifest_order_whatever_order_tasks_finish(ray_local, german_
 
     summary = run_prepare(tmp_path / "train.tsv", tmp_path / "out", rows_per_task=1)
     assert summary["accepted"] == len(rows) > 30
+    # Each task reports its own time: never more than the 2 CPUs' worth of the pipeline's.
+    assert summary["tasks"] == len(rows) and summary["cpus"] == 2
+    assert 0 < summary["task_cpu_seconds"] and 0 < summary["task_seconds"]
+    assert summary["task_seconds"] <= 2 * summary["pipeline_seconds"]
     index = ShardDataset(str(tmp_path / "out")).length_index
     assert index["id"].to_pylist() == [row["path"] for row in rows]
 
