@@ -91,7 +91,10 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": finished - ray_started,
         "ray_start_seconds": ray_started - started,
         **{key: summary[key] for key in ("pipeline_seconds", "accepted", "rejected", "shards")},
-        **{key: summary[key] for key in ("tasks", "cpus", "task_seconds", "task_cpu_seconds")},
+        **{
+            key: summary[key]
+            for key in ("tasks", "cpus", "task_seconds", "task_cpu_seconds", "task_busy_fraction")
+        },
     }
 
 
@@ -238,10 +241,9 @@ def measure_size(
     ours["x_real_time_pipeline_only"] = ours["audio_seconds"] / ours["pipeline_seconds"]
     ours["fraction_of_limit"] = ours["x_real_time"] / measured["limit"]["x_real_time"]
     # The pipeline apart: the CPU its tasks spend per audio hour (the decode+write work
-    # itself), and how much of the CPUs' time after Ray's start they fill (scheduling).
+    # itself); how much of the CPUs' time after Ray's start they fill is in its summary.
     audio_hours = ours["audio_seconds"] / 3600
     ours["task_cpu_seconds_per_audio_hour"] = ours["task_cpu_seconds"] / audio_hours
-    ours["task_busy_fraction"] = ours["task_seconds"] / (ours["cpus"] * ours["pipeline_seconds"])
     memory = ours["memory"]
     seconds = {**memory["cpu_seconds_by_kind"], "idle": memory["cpu_seconds_idle"]}
     seconds["other work on the machine"] = memory["cpu_seconds_outside_tree"]

@@ -234,6 +234,7 @@ def prepare(
     )
     output_seconds = sum(n for s in shards for n in s.num_samples) / preprocess_args.sampling_rate
     input_seconds = sum(r["input_seconds"] for r in results)
+    task_seconds = sum(r["seconds"] for r in results)
     run = shard_format.RunRecord(
         run_id=run_id,
         manifest=manifest_args.manifest,
@@ -256,8 +257,10 @@ def prepare(
         real_time_factor=output_seconds / pipeline_seconds if pipeline_seconds else 0.0,
         tasks=len(results),
         cpus=cpus,
-        task_seconds=sum(r["seconds"] for r in results),
+        task_seconds=task_seconds,
         task_cpu_seconds=sum(r["cpu_seconds"] for r in results),
+        # Below 1: CPUs waited on task scheduling, on stragglers or on other jobs.
+        task_busy_fraction=task_seconds / (cpus * pipeline_seconds) if results else 0.0,
         dataset=metadata["counts"],
         dataset_hours=metadata["total_hours"],
         shards=len(metadata["shards"]),
@@ -271,11 +274,9 @@ def _format_summary(summary: dict[str, Any]) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["rejected_by_reason"].items()))
     tasks = ""
     if summary["tasks"]:
-        # Below 100 %: CPUs waited on task scheduling, on stragglers or on other jobs.
-        busy = summary["task_seconds"] / (summary["cpus"] * summary["pipeline_seconds"])
         tasks = (
             f"\ntasks: {summary['tasks']} decode+write tasks kept the cluster's "
-            f"{summary['cpus']} CPUs {busy:.0%} busy"
+            f"{summary['cpus']} CPUs {summary['task_busy_fraction']:.0%} busy"
         )
     return (
         f"rows: {summary['manifest_rows']} in manifest, {summary['already_processed']} already "

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from benchmark_checks import assert_rows, corpus_clips_and_seconds, resampled_seconds
 
+from argument_classes import PreprocessArguments
 from benchmarks import (
     batching_padding,
     loader_throughput,
@@ -127,9 +128,7 @@ def test_preprocess_throughput(tmp_path, work_dir) -> None:
         assert sum(ours["cpu_share_by_group"].values()) == pytest.approx(1, abs=0.05)
 
         # The table from the raw audio seconds and wall seconds; the limit is the faster run.
-        limit = max(
-            m["audio_seconds"] / m["seconds"] for m in (size["limit_before"], size["limit_after"])
-        )
+        limit = max(speed_of(m) for m in (size["limit_before"], size["limit_after"]))
         speed = ours["audio_seconds"] / ours["seconds"]
         from_cold = ours["audio_seconds"] / (ours["seconds"] + ours["ray_start_seconds"])
         where = f"{size['hours']:g} h corpus{', short clips' if short else ''}, 2 cores"
@@ -138,7 +137,8 @@ def test_preprocess_throughput(tmp_path, work_dir) -> None:
         # and their share of the CPUs' time after Ray's start (each limit process is busy
         # from the common start to its own end).
         writer = max((size["write_limit_before"], size["write_limit_after"]), key=speed_of)
-        assert ours["tasks"] == math.ceil(clips / task_rows(clips, 2, 1024)) and ours["cpus"] == 2
+        rows_per_task = task_rows(clips, 2, PreprocessArguments.rows_per_task)
+        assert ours["tasks"] == math.ceil(clips / rows_per_task) and ours["cpus"] == 2
         assert 0 < ours["task_seconds"] <= 2 * ours["pipeline_seconds"]
         expected[(f"CPU time per audio hour in the decode+write tasks, {where}", write_name)] = (
             ours["task_cpu_seconds"] / ours["audio_seconds"] * 3600,
@@ -185,8 +185,7 @@ def test_preprocess_throughput(tmp_path, work_dir) -> None:
         steady = f"preprocessing speed in steady state, {clips} clips {span}"
         expected[(steady, limit_name)] = (rate, pair[1]["limit"]["x_real_time"])
         writing = max(
-            m["audio_seconds"] / m["seconds"]
-            for m in (pair[1]["write_limit_before"], pair[1]["write_limit_after"])
+            speed_of(m) for m in (pair[1]["write_limit_before"], pair[1]["write_limit_after"])
         )
         expected[(steady, write_name)] = (rate, writing)
         hf_seconds = [size["hf"]["seconds"] for size in pair] if clips != "short" else None

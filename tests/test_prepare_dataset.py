@@ -272,6 +272,8 @@ def test_rows_keep_manifest_order_whatever_order_tasks_finish(ray_local, german_
     assert summary["tasks"] == len(rows) and summary["cpus"] == 2
     assert 0 < summary["task_cpu_seconds"] and 0 < summary["task_seconds"]
     assert summary["task_seconds"] <= 2 * summary["pipeline_seconds"]
+    busy = summary["task_seconds"] / (2 * summary["pipeline_seconds"])
+    assert summary["task_busy_fraction"] == pytest.approx(busy)
     index = ShardDataset(str(tmp_path / "out")).length_index
     assert index["id"].to_pylist() == [row["path"] for row in rows]
 
