@@ -2,24 +2,24 @@
 
 Task: Common Voice MP3 (48 kHz) -> 16 kHz float32 in Arrow files on N = --num_cpus cores, each
 system in a fresh process whose whole tree is sampled (process_tree.py). Ours:
-preprocess.prepare_dataset.prepare after a ray.init() timed apart ('incl. Ray start' adds it,
-as HF starts no cluster). The limit: N processes decoding their shares with our
-preprocess.audio_decoding.load in a tight loop, no writing, no scheduling; measured before and
-after the systems, the faster counts. The write limit: the same loops, each also writing its
-share into shards with our ShardWriter, so what no pipeline that writes the output can pass
-(the steady state is reported against both); also the faster of a run before and one after.
-HF datasets 3.6: the data path of transformers' run_speech_recognition_ctc.py
-(hf_trainer_baseline.py) with num_proc=N; its first run (numba and datasets caches cold) is
-reported apart from the best of its warm repeats.
+preprocess.prepare_dataset.prepare between a ray.init() and a ray.shutdown(), both timed apart
+('incl. Ray start and shutdown' adds them: HF starts no cluster, and the CLI waits for both).
+The limit: N processes decoding their shares with our preprocess.audio_decoding.load in a
+tight loop, no writing, no scheduling; measured before and after the systems, the faster
+counts. The write limit: the same loops, each also writing its share into shards with our
+ShardWriter, so what no pipeline that writes the output can pass (the steady state is reported
+against both); also the faster of before and after. HF datasets 3.6: the data path of
+transformers' run_speech_recognition_ctc.py (hf_trainer_baseline.py) with num_proc=N; its first
+run (numba and datasets caches cold) is reported apart from the best of its warm repeats.
 × real time: seconds of 16 kHz audio out per wall second, imports excluded. Two corpus kinds:
 Common Voice-like sentences (--hours) and short clips of --short_clip_words words, like
 commands (--short_clip_hours; ours and the limit only). Steady state: wall seconds as
 fixed + audio / rate through the smallest and largest corpus of a kind; the rate (goal: 90 %
-of the limit) is what a large corpus mostly sees, the fixed cost (Ray start included) what a
-small one does. Corpora synthesize --unique_hours and hard-link the rest, so reads hit the
-page cache. Memory: the PSS sum over the tree at one instant. Each measurement is run
---repeats times and the fastest run that other work disturbed at most 8 % counts (HF's first
-run is one run).
+of the limit) is what a large corpus mostly sees, the fixed cost (Ray start and shutdown
+included) what a small one does. Corpora synthesize --unique_hours and hard-link the rest, so
+reads hit the page cache. Memory: the PSS sum over the tree at one instant. Each measurement
+is run --repeats times and the fastest run that other work disturbed at most 8 % counts (HF's
+first run is one run); each limit's runs are split between before and after.
 
     python -m benchmarks.preprocess_throughput --hours 1 10 --short_clip_hours 1 5
     python -m benchmarks.preprocess_throughput --quick
@@ -72,7 +72,8 @@ def own_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
-    """Our CLI's code path, after the ray.init() that prepare() would make itself."""
+    """Our CLI's code path, between the ray.init() that prepare() would make itself and the
+    ray.shutdown() that the CLI waits for at exit."""
     import ray
 
     from argument_classes import ManifestArguments, PreprocessArguments
@@ -90,6 +91,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         "audio_seconds": summary["hours_out"] * 3600,
         "seconds": finished - ray_started,
         "ray_start_seconds": ray_started - started,
+        "ray_shutdown_seconds": time.perf_counter() - finished,
         **{key: summary[key] for key in ("pipeline_seconds", "accepted", "rejected", "shards")},
         **{
             key: summary[key]
@@ -203,6 +205,14 @@ def run_system(system: str, args: argparse.Namespace, manifest: Path, work: Path
     return {**result, "x_real_time": speed, "output_gib": output_bytes / 2**30, "memory": memory}
 
 
+def limit_runs(repeats: int) -> tuple[int, int]:
+    """Runs of each limit before the systems and after them. The faster of the two counts, so
+    together they are as many draws as each system gets (twice as many favoured the limit);
+    at least one on each side, to expose drift."""
+    before = max(1, repeats // 2)
+    return before, max(1, repeats - before)
+
+
 def measure_size(
     hours: float, args: argparse.Namespace, work: Path, max_words: int | None
 ) -> dict[str, Any]:
@@ -215,16 +225,23 @@ def measure_size(
     measured["unique_files"] = len({os.stat(path).st_ino for path in files})
     with_hf = max_words is None and not args.skip_hf
     runs = partial(fastest_calm, runs=args.repeats, wait_for_idle=args.wait_for_idle)
+    before, after = limit_runs(args.repeats)
+    runs_before = partial(fastest_calm, runs=before, wait_for_idle=args.wait_for_idle)
+    runs_after = partial(fastest_calm, runs=after, wait_for_idle=args.wait_for_idle)
     shards = work / f"output-limit-{manifest.parent.name}"
     hf = partial(run_system, "hf", args, manifest, work)
     measures = {
-        "limit_before": partial(runs, partial(measure_limit, files, args.num_cpus)),
-        "write_limit_before": partial(runs, partial(measure_limit, files, args.num_cpus, shards)),
+        "limit_before": partial(runs_before, partial(measure_limit, files, args.num_cpus)),
+        "write_limit_before": partial(
+            runs_before, partial(measure_limit, files, args.num_cpus, shards)
+        ),
         "ours": partial(runs, partial(run_system, "ours", args, manifest, work)),
         "hf_first": partial(least_disturbed, hf, 1, args.wait_for_idle),
         "hf": partial(runs, hf),
-        "limit_after": partial(runs, partial(measure_limit, files, args.num_cpus)),
-        "write_limit_after": partial(runs, partial(measure_limit, files, args.num_cpus, shards)),
+        "limit_after": partial(runs_after, partial(measure_limit, files, args.num_cpus)),
+        "write_limit_after": partial(
+            runs_after, partial(measure_limit, files, args.num_cpus, shards)
+        ),
     }
     for key, measure in measures.items():
         if with_hf or not key.startswith("hf"):
@@ -236,8 +253,8 @@ def measure_size(
         measured[name] = {key: fastest[key] for key in keys}
     measured["mean_clip_seconds"] = measured["limit_after"]["audio_seconds"] / len(files)
     ours = measured["ours"]
-    cold_seconds = ours["seconds"] + ours["ray_start_seconds"]
-    ours["x_real_time_with_ray_start"] = ours["audio_seconds"] / cold_seconds
+    whole_seconds = ours["ray_start_seconds"] + ours["seconds"] + ours["ray_shutdown_seconds"]
+    ours["x_real_time_with_ray"] = ours["audio_seconds"] / whole_seconds
     ours["x_real_time_pipeline_only"] = ours["audio_seconds"] / ours["pipeline_seconds"]
     ours["fraction_of_limit"] = ours["x_real_time"] / measured["limit"]["x_real_time"]
     # The pipeline apart: the CPU its tasks spend per audio hour (the decode+write work
@@ -255,19 +272,23 @@ def measure_size(
 def steady_state(small: dict[str, Any], large: dict[str, Any]) -> dict[str, float] | None:
     """Wall seconds as fixed + audio / rate through one system's runs on two corpus sizes: the
     marginal rate (extra audio over extra seconds after Ray's start, for a system that starts
-    Ray) and the fixed cost, Ray's start included, averaged over both runs. None when the larger
-    corpus was not slower (noise on tiny ones)."""
+    Ray) and the fixed cost, Ray's start and shutdown included, averaged over both runs. None
+    when the larger corpus was not slower (noise on tiny ones)."""
     if large["seconds"] <= small["seconds"]:
         return None
     rate = (large["audio_seconds"] - small["audio_seconds"]) / (large["seconds"] - small["seconds"])
-    ray_start = (small.get("ray_start_seconds", 0.0) + large.get("ray_start_seconds", 0.0)) / 2
+    ray_start, ray_shutdown = (
+        (small.get(key, 0.0) + large.get(key, 0.0)) / 2
+        for key in ("ray_start_seconds", "ray_shutdown_seconds")
+    )
     audio_small, seconds_small = small["audio_seconds"], small["seconds"]
     pipeline_fixed = seconds_small - audio_small / rate
     return {
         "x_real_time": rate,
-        "fixed_seconds": ray_start + pipeline_fixed,
+        "fixed_seconds": ray_start + pipeline_fixed + ray_shutdown,
         "ray_start_seconds": ray_start,
-        "fixed_seconds_after_ray_start": pipeline_fixed,
+        "ray_shutdown_seconds": ray_shutdown,
+        "fixed_seconds_between_ray_start_and_shutdown": pipeline_fixed,
     }
 
 
@@ -284,7 +305,7 @@ def build_rows(sizes: list[dict[str, Any]], num_cpus: int) -> list[dict[str, Any
         ours, limit, hf = size["ours"], size["limit"]["x_real_time"], size.get("hf")
         kind = "" if size["max_words"] is None else ", short clips"
         where = f"{size['hours']:g} h corpus{kind}, {num_cpus} cores"
-        cold, from_cold = ours["x_real_time_with_ray_start"], f"incl. Ray start, {where}"
+        whole, with_ray = ours["x_real_time_with_ray"], f"incl. Ray start and shutdown, {where}"
         rows.append(
             speed(
                 f"preprocessing speed, {where}",
@@ -318,12 +339,13 @@ def build_rows(sizes: list[dict[str, Any]], num_cpus: int) -> list[dict[str, Any
             ),
         ]
         if hf is not None:
-            # HF starts no cluster, so the user-visible comparison charges us Ray's start-up.
-            rows.append(speed(f"preprocessing speed {from_cold}", cold, hf["x_real_time"], HF_NAME))
+            # HF starts no cluster, so the user-visible comparison charges us Ray's start and
+            # shutdown.
+            rows.append(speed(f"preprocessing speed {with_ray}", whole, hf["x_real_time"], HF_NAME))
             first = size["hf_first"]["x_real_time"]
             rows.append(
                 speed(
-                    f"preprocessing speed {from_cold}", cold, first, HF_FIRST_NAME, headline=False
+                    f"preprocessing speed {with_ray}", whole, first, HF_FIRST_NAME, headline=False
                 )
             )
             ours_pss, hf_pss = ours["memory"]["peak_pss_gib"], hf["memory"]["peak_pss_gib"]
@@ -351,7 +373,7 @@ def build_rows(sizes: list[dict[str, Any]], num_cpus: int) -> list[dict[str, Any
             hf_fit = steady_state(small["hf"], large["hf"])
             if hf_fit is not None:
                 large["hf_steady_state"] = hf_fit
-                metric = f"fixed cost of a run (Ray start included), {clips}, {span}"
+                metric = f"fixed cost of a run (Ray start and shutdown included), {clips}, {span}"
                 rows.append(
                     result_row(
                         metric, fit["fixed_seconds"], hf_fit["fixed_seconds"], HF_NAME, "s", False
