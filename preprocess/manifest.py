@@ -11,6 +11,7 @@ import json
 import os
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from preprocess import storage
@@ -94,18 +95,21 @@ def read_manifest(
         if is_common_voice:
             audio_root = storage.join(audio_root, "clips")
 
-    audio_paths = [value or "" for value in table.column(audio_column).to_pylist()]
-    sentences = [value or "" for value in table.column(text_column).to_pylist()]
-    ids = table.column(id_column).to_pylist() if id_column else audio_paths
+    def strings(name: str) -> pa.ChunkedArray:
+        # Arrow kernels, not a Python loop per row: a missing value reads as an empty string.
+        return pc.fill_null(table.column(name).cast(pa.string()), "")
+
+    audio_paths, sentences = strings(audio_column), strings(text_column)
     if passthrough_columns is None:
         passthrough_columns = [c for c in DEFAULT_PASSTHROUGH if c in table.column_names]
+    join = storage.joiner(audio_root)
     columns = {
-        "id": pa.array([str(value or "") for value in ids], pa.string()),
+        "id": strings(id_column) if id_column else audio_paths,
         "audio_uri": pa.array(
-            [storage.join(audio_root, path) if path else "" for path in audio_paths], pa.string()
+            [join(path) if path else "" for path in audio_paths.to_pylist()], pa.string()
         ),
-        "sentence": pa.array(sentences, pa.string()),
-        "text": pa.array([normalizer(sentence) for sentence in sentences], pa.string()),
+        "sentence": sentences,
+        "text": pa.array([normalizer(sentence) for sentence in sentences.to_pylist()], pa.string()),
     }
     for name in passthrough_columns:
         if name not in columns:

@@ -72,6 +72,8 @@ def _split_rows(rows: pa.Table, known_ids: set[str]) -> tuple[pa.Table, list[dic
             keep.append(position)
         else:
             rejects.append({"id": row_id, "path": uri, "reason": reason.value, "detail": ""})
+    if len(keep) == rows.num_rows:
+        return rows, rejects, skipped  # a copy of every row costs more than this whole loop
     return rows.take(pa.array(keep, pa.int64())), rejects, skipped
 
 
