@@ -76,6 +76,9 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     ray.shutdown() that the CLI waits for at exit."""
     import ray
 
+    # The datasink's module brings ray.data (0.5 s here), which prepare() imports only when it
+    # has rows to decode: imported before the clock, as HF's modules are.
+    import preprocess.arrow_shard_datasink
     from argument_classes import ManifestArguments, PreprocessArguments
     from preprocess.prepare_dataset import prepare
 
