@@ -50,6 +50,9 @@ HF_FIRST_NAME = f"{HF_NAME}, its first run"
 # The write limit's shards are made as prepare_dataset makes them by default.
 MAX_SHARD_BYTES = PreprocessArguments.max_shard_bytes
 ROWS_PER_BATCH = PreprocessArguments.decode_batch_size
+# What our run's summary tells of it: counts, the pipeline's seconds, and its tasks' own.
+SUMMARY_KEYS = ("pipeline_seconds", "accepted", "rejected", "shards", "tasks", "cpus")
+SUMMARY_KEYS += ("task_seconds", "task_cpu_seconds", "task_busy_fraction")
 
 
 def own_options(parser: argparse.ArgumentParser) -> None:
@@ -95,11 +98,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": finished - ray_started,
         "ray_start_seconds": ray_started - started,
         "ray_shutdown_seconds": time.perf_counter() - finished,
-        **{key: summary[key] for key in ("pipeline_seconds", "accepted", "rejected", "shards")},
-        **{
-            key: summary[key]
-            for key in ("tasks", "cpus", "task_seconds", "task_cpu_seconds", "task_busy_fraction")
-        },
+        **{key: summary[key] for key in SUMMARY_KEYS},
     }
 
 
@@ -227,24 +226,19 @@ def measure_size(
     measured: dict[str, Any] = {"hours": hours, "rows": len(files), "max_words": max_words}
     measured["unique_files"] = len({os.stat(path).st_ino for path in files})
     with_hf = max_words is None and not args.skip_hf
-    runs = partial(fastest_calm, runs=args.repeats, wait_for_idle=args.wait_for_idle)
+    calm = partial(fastest_calm, wait_for_idle=args.wait_for_idle)
     before, after = limit_runs(args.repeats)
-    runs_before = partial(fastest_calm, runs=before, wait_for_idle=args.wait_for_idle)
-    runs_after = partial(fastest_calm, runs=after, wait_for_idle=args.wait_for_idle)
-    shards = work / f"output-limit-{manifest.parent.name}"
+    decode = partial(measure_limit, files, args.num_cpus)
+    write = partial(decode, output=work / f"output-limit-{manifest.parent.name}")
     hf = partial(run_system, "hf", args, manifest, work)
     measures = {
-        "limit_before": partial(runs_before, partial(measure_limit, files, args.num_cpus)),
-        "write_limit_before": partial(
-            runs_before, partial(measure_limit, files, args.num_cpus, shards)
-        ),
-        "ours": partial(runs, partial(run_system, "ours", args, manifest, work)),
+        "limit_before": partial(calm, decode, before),
+        "write_limit_before": partial(calm, write, before),
+        "ours": partial(calm, partial(run_system, "ours", args, manifest, work), args.repeats),
         "hf_first": partial(least_disturbed, hf, 1, args.wait_for_idle),
-        "hf": partial(runs, hf),
-        "limit_after": partial(runs_after, partial(measure_limit, files, args.num_cpus)),
-        "write_limit_after": partial(
-            runs_after, partial(measure_limit, files, args.num_cpus, shards)
-        ),
+        "hf": partial(calm, hf, args.repeats),
+        "limit_after": partial(calm, decode, after),
+        "write_limit_after": partial(calm, write, after),
     }
     for key, measure in measures.items():
         if with_hf or not key.startswith("hf"):
